@@ -1,0 +1,29 @@
+"""token_prune: visual-token pruning for Hugging Face vision-language models.
+
+    import token_prune
+    handle = token_prune.patch(model, method="glimpse", threshold=0.5)
+    out = model.generate(**inputs)      # ordinary HF generate
+    handle.stats                        # what was kept, per sample and layer
+    handle.remove()                     # the model is exactly as before
+"""
+
+from ._ops import compact_tokens
+from .api import PatchHandle, get_handle, patch, unpatch
+from .methods import supported_methods
+from .models import supported_models
+from .vip import GlimpseConfig, GlimpseModules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "get_handle",
+    "PatchHandle",
+    "GlimpseConfig",
+    "GlimpseModules",
+    "compact_tokens",
+    "supported_methods",
+    "supported_models",
+    "__version__",
+]

@@ -1,0 +1,24 @@
+"""``name -> method`` registry. One module per method."""
+
+from __future__ import annotations
+
+from .glimpse import GlimpsePrune
+
+METHODS = {
+    GlimpsePrune.name: GlimpsePrune,
+}
+
+
+def supported_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def method_class(name):
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string, got {type(name).__name__}")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; supported: {', '.join(supported_methods())}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "method_class", "supported_methods", "GlimpsePrune"]

@@ -1,0 +1,286 @@
+"""The per-model adapter interface and the machinery that installs a method on a model instance.
+
+A :class:`ModelAdapter` knows one HF architecture: where its decoder layers are, how its rotary
+positions and q/k projections work, which tokens are visual, and how to read intermediate vision
+features. The :class:`Runtime` wraps exactly two ``forward`` methods of the *instance* (the
+multimodal model and its language model) plus forward hooks on the vision tower; ``remove()``
+deletes them again, so the class and every other instance are never touched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+
+from ..runtime import CallContext, PrunedCacheState, TokenBatch
+
+
+class ModelAdapter:
+    """Base class: one subclass per HF ``model_type``."""
+
+    model_type: str = ""
+    #: decoder depth -> the public GlimpsePrune layer K for that model size
+    glimpse_layers: dict[int, int] = {}
+    #: relative depth used for K when the model size has no public setting
+    glimpse_relative_depth: float = 0.64
+    #: how the glimpse attention map is scored: raw scaled logits or log-softmax over the keys
+    glimpse_score: str = "logits"
+
+    def __init__(self, model):
+        self.model = model
+
+    # -- structure -----------------------------------------------------------------------
+    @property
+    def outer(self) -> torch.nn.Module:
+        """The module whose forward sees ``input_ids`` and the image inputs."""
+        raise NotImplementedError
+
+    @property
+    def lm(self) -> torch.nn.Module:
+        """The decoder-only language model (has ``layers``, ``norm``, ``rotary_emb``)."""
+        raise NotImplementedError
+
+    @property
+    def lm_config(self):
+        return self.lm.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.lm_config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm_config.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.lm_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.lm_config.num_key_value_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.lm_config, "head_dim", None) or self.hidden_size // self.num_heads
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def default_glimpse_layer(self) -> int:
+        n = self.num_layers
+        if n in self.glimpse_layers:
+            return self.glimpse_layers[n]
+        return min(n - 1, max(0, round(self.glimpse_relative_depth * n)))
+
+    # -- per-architecture numerics -------------------------------------------------------
+    def rotary(self, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, head_dim] for rotary positions ``pos`` [P, B, S]."""
+        raise NotImplementedError
+
+    def split_positions(self, position_ids, batch: int, seq: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalise the ``position_ids`` the LM received into (pos [P, B, S], text_pos [B, S] or None)."""
+        raise NotImplementedError
+
+    def project_qk(self, layer_idx: int, hidden_in: torch.Tensor, cos, sin, want_k: bool = True):
+        """Queries [B, heads, T, d] and keys [B, kv_heads, T, d] (rotary applied) that decoder layer
+        ``layer_idx`` computes for its input ``hidden_in`` [B, T, H]."""
+        attn = self.lm.layers[layer_idx].self_attn
+        h = self.lm.layers[layer_idx].input_layernorm(hidden_in)
+        B, T, _ = h.shape
+        d = self.head_dim
+        q = attn.q_proj(h).view(B, T, -1, d).transpose(1, 2)
+        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        if not want_k:
+            return q, None
+        k = attn.k_proj(h).view(B, T, -1, d).transpose(1, 2)
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        return q, k
+
+    # -- vision side ---------------------------------------------------------------------
+    def vision_width(self) -> int:
+        raise NotImplementedError
+
+    def vision_depth(self) -> int:
+        raise NotImplementedError
+
+    def default_vision_layers(self) -> list[int]:
+        """Four ViT blocks spread over the depth, deep to shallow (31, 23, 15, 7 for 32 blocks)."""
+        d = self.vision_depth()
+        return [max(0, d * (4 - i) // 4 - 1) for i in range(4)]
+
+    def install_vision_hooks(self, runtime: "Runtime", layers: list[int]) -> list:
+        """Register hooks that put per-image pooled features of ``layers`` into ``runtime.ctx``."""
+        raise NotImplementedError
+
+    def image_grids(self, ctx: CallContext) -> torch.Tensor:
+        """[n_images, 2] token grid (rows, cols) of every image in the batch, in order."""
+        raise NotImplementedError
+
+    def decode_positions(self, runtime: "Runtime", kwargs: dict):
+        """Fill in ``position_ids`` for a decode call on a pruned cache when the caller gave none."""
+        return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Runtime:
+    """Installs a method on one model instance and carries per-call state."""
+
+    def __init__(self, adapter: ModelAdapter, method):
+        self.adapter = adapter
+        self.method = method
+        self.ctx: CallContext | None = None
+        self.pruned: PrunedCacheState | None = None
+        self.stats: list[dict] = []
+        self.keep_mask: torch.Tensor | None = None
+        self._hooks: list = []
+        self._saved: list[tuple[torch.nn.Module, bool, object]] = []
+
+    # -- install / remove ----------------------------------------------------------------
+    def install(self) -> None:
+        outer, lm = self.adapter.outer, self.adapter.lm
+        self._wrap(outer, self._outer_forward)
+        self._wrap(lm, self._lm_forward)
+        layers = self.method.vision_layers()
+        if layers:
+            self._hooks.extend(self.adapter.install_vision_hooks(self, layers))
+
+    def _wrap(self, module: torch.nn.Module, fn) -> None:
+        had = "forward" in module.__dict__
+        orig = module.__dict__.get("forward")
+        bound = module.forward  # the class method bound to the instance (or a previous instance attribute)
+        ref = weakref.ref(self)
+
+        def forward(*args, **kwargs):
+            rt = ref()
+            if rt is None:
+                return bound(*args, **kwargs)
+            return fn(bound, module, *args, **kwargs)
+
+        forward.__wrapped__ = bound
+        forward.__signature__ = inspect.signature(bound)
+        module.forward = forward
+        self._saved.append((module, had, orig))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for module, had, orig in reversed(self._saved):
+            if had:
+                module.forward = orig
+            else:
+                module.__dict__.pop("forward", None)
+        self._saved.clear()
+        self.ctx = None
+        self.pruned = None
+
+    # -- forwards ------------------------------------------------------------------------
+    def _outer_forward(self, orig, module, *args, **kwargs):
+        bound = inspect.signature(orig).bind_partial(*args, **kwargs)
+        a = bound.arguments
+        extra = a.get("kwargs", {})
+        get = lambda k: a.get(k, extra.get(k))  # noqa: E731
+        ctx = CallContext(
+            input_ids=get("input_ids"),
+            image_grid_thw=get("image_grid_thw"),
+            has_pixels=get("pixel_values") is not None,
+        )
+        cache = get("past_key_values")
+        if self.pruned is not None and self.pruned.owns(cache) and get("position_ids") is None:
+            pos = self.adapter.decode_positions(self, dict(a, **extra))
+            if pos is not None:
+                args, kwargs = _rebind(orig, args, kwargs)
+                kwargs["position_ids"] = pos
+        prev, self.ctx = self.ctx, ctx
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            self.ctx = prev
+
+    def _lm_forward(self, orig, lm, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, use_cache=None, **kwargs):
+        ctx = self.ctx
+        cache_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache_len == 0:
+            wants = ctx is not None and ctx.has_pixels and ctx.input_ids is not None
+            if wants and not isinstance(attention_mask, dict) and (attention_mask is None or attention_mask.ndim == 2):
+                visual = ctx.input_ids == self.adapter.image_token_id
+                if bool(visual.any()):
+                    return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, past_key_values,
+                                                inputs_embeds, use_cache, visual, kwargs)
+            self.pruned = None
+            self.stats = []
+            self.keep_mask = None
+        elif self.pruned is not None and self.pruned.owns(past_key_values):
+            q_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+            attention_mask = self.pruned.map_mask(attention_mask, q_len, cache_len)
+        return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+
+    def _pruned_prefill(self, lm, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, visual, kwargs):
+        from transformers.cache_utils import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        cfg = lm.config
+        for key in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(key, False):
+                raise NotImplementedError(f"token_prune: {key}=True is not supported on a pruned prefill")
+        if use_cache is None:
+            use_cache = cfg.use_cache
+        if inputs_embeds is None:
+            inputs_embeds = lm.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
+        if cache is not None and type(cache).__name__ not in ("DynamicCache",):
+            raise NotImplementedError(
+                f"token_prune: pruning needs a DynamicCache (got {type(cache).__name__}); "
+                "use the default cache implementation"
+            )
+        B, S, _ = inputs_embeds.shape
+        dev = inputs_embeds.device
+        pos, text_pos = self.adapter.split_positions(position_ids, B, S, dev)
+        mask2d = attention_mask
+        if mask2d is not None and bool(mask2d.bool().all()):
+            mask2d = None  # no padding: lets SDPA use its causal fast path, as HF does
+        index = torch.arange(S, device=dev).expand(B, S)
+        if mask2d is not None:
+            index = torch.where(mask2d.bool(), index, torch.full_like(index, -1))
+        batch = TokenBatch(inputs_embeds, pos, text_pos, mask2d, index, visual.to(dev))
+
+        hidden, batch, stats = self.method.prefill(self, lm, batch, cache, use_cache, kwargs)
+        hidden = lm.norm(hidden)
+        # Which prompt positions survived, in the caller's [B, S] coordinates.
+        keep_mask = torch.zeros(B, S + 1, dtype=torch.bool, device=dev)
+        rows = torch.arange(B, device=dev)[:, None].expand_as(batch.index)
+        # Padding slots (index -1) land in the spare last column, which is dropped.
+        keep_mask[rows, torch.where(batch.index >= 0, batch.index, S)] = batch.index >= 0
+        self.keep_mask = keep_mask[:, :S]
+        if cache is not None:
+            self.pruned = PrunedCacheState(
+                cache_ref=weakref.ref(cache),
+                prompt_len=S,
+                mask=batch.valid.long(),
+                kept_len=batch.hidden.shape[1],
+            )
+            for i, s in enumerate(stats):
+                s["kv_len"] = [int(batch.valid[i].sum())] * len(cache.layers)
+                s["kv_len_padded"] = [int(layer.keys.shape[-2]) for layer in cache.layers]
+        self.stats = stats
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None)
+
+
+def _rebind(fn, args, kwargs):
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    extra = bound.arguments.pop("kwargs", {})
+    return (), {**bound.arguments, **extra}
+
+
+__all__ = ["ModelAdapter", "Runtime"]

@@ -1,0 +1,199 @@
+"""Model-agnostic pieces shared by every method: the sequence being pruned, masks, the keep rule,
+compaction of hidden states + KV cache, and the mapping of generate's full-length mask onto the
+pruned cache during decoding.
+
+Conventions
+-----------
+* ``B`` batch, ``S`` current sequence length, ``H`` hidden size, ``P`` rows of rotary positions
+  (3 for Qwen2.5-VL's M-RoPE, 1 for 1D RoPE).
+* Batches are left padded, as HF ``generate`` expects for decoder-only models; after pruning the
+  kept tokens of each sample are re-packed to the right end ("re-padded").
+* Positions are never renumbered: a kept token keeps the rotary position it had in the unpruned
+  prompt, and decode positions continue the unpruned numbering.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ._ops import compact_tokens
+
+
+@dataclass
+class TokenBatch:
+    """The sequence that flows through the decoder layers during a pruned prefill.
+
+    Attributes:
+        hidden: [B, S, H] hidden states.
+        pos: [P, B, S] int64 rotary positions (P=3 for M-RoPE, P=1 for 1D RoPE).
+        text_pos: [B, S] int64 text positions HF passes to the layers (Qwen's 4th row), or None.
+        mask2d: [B, S] padding mask (1 real, 0 pad), or None when the batch has no padding.
+        index: [B, S] int64 position of each token in the unpruned prompt (-1 for padding).
+        visual: [B, S] bool, True for visual tokens.
+    """
+
+    hidden: torch.Tensor
+    pos: torch.Tensor
+    text_pos: torch.Tensor | None
+    mask2d: torch.Tensor | None
+    index: torch.Tensor
+    visual: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, S] bool, True for real (non-padding) tokens."""
+        if self.mask2d is None:
+            return torch.ones(self.index.shape, dtype=torch.bool, device=self.index.device)
+        return self.mask2d.bool()
+
+
+def keep_mask_from_scores(
+    scores: torch.Tensor,
+    sizes: list[int],
+    *,
+    threshold: float = 0.5,
+    max_keep_ratio: float | None = None,
+    min_keep: int = 1,
+    keep_ratio: float | None = None,
+    scores_are_logits: bool = True,
+) -> torch.Tensor:
+    """Apply the keep rule image by image.
+
+    Args:
+        scores: [N] scores of all visual tokens, images concatenated in order.
+        sizes: number of tokens of each image (sums to N).
+        threshold: keep tokens whose ``sigmoid(logit)`` (or score, when ``scores_are_logits`` is
+            False) is strictly above it.
+        max_keep_ratio: when more than ``floor(max_keep_ratio * n)`` pass, keep only that many,
+            the top-scored.
+        min_keep: when fewer than this pass, keep this many top-scored (capped at n).
+        keep_ratio: when set, ignore the threshold and keep exactly ``ceil(keep_ratio * n)``
+            top-scored tokens of each image.
+
+    Returns:
+        [N] bool keep mask. Ties are broken towards the earlier token, so the rule is
+        deterministic.
+    """
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    probs = torch.sigmoid(scores.float()) if scores_are_logits else scores.float()
+    start = 0
+    for n in sizes:
+        if n == 0:
+            continue
+        p = probs[start:start + n]
+        # Stable descending order: equal scores keep their token order.
+        order = torch.sort(p, descending=True, stable=True).indices
+        if keep_ratio is not None:
+            k = min(n, math.ceil(keep_ratio * n - 1e-9))
+            sel = torch.zeros(n, dtype=torch.bool, device=p.device)
+            sel[order[:k]] = True
+        else:
+            sel = p > threshold
+            count = int(sel.sum())
+            if max_keep_ratio is not None:
+                cap = int(max_keep_ratio * n)
+                if count > cap:
+                    sel = torch.zeros_like(sel)
+                    sel[order[:cap]] = True
+                    count = cap
+            floor = min(n, min_keep)
+            if count < floor:
+                sel[order[:floor]] = True
+        keep[start:start + n] = sel
+        start += n
+    return keep
+
+
+def compact_batch(batch: TokenBatch, keep: torch.Tensor, caches: list[torch.Tensor]) -> tuple[TokenBatch, list[torch.Tensor]]:
+    """Gather the kept tokens of ``batch`` and of the given cache tensors, re-padded on the left.
+
+    Args:
+        batch: the current sequence ([B, S] everywhere).
+        keep: [B, S] bool; must be False at padding.
+        caches: tensors [B, heads, S, head_dim] (keys and values of the cached layers).
+
+    Returns:
+        The compacted batch ([B, S'] with S' the largest kept count) and the compacted caches.
+        The only host synchronisation is reading S'.
+    """
+    rows = [batch.pos]
+    if batch.text_pos is not None:
+        rows.append(batch.text_pos[None])
+    rows.append(batch.index[None])
+    rows.append(batch.visual.long()[None])
+    packed = torch.cat(rows, 0)
+    mask = batch.valid.long() if batch.mask2d is None else batch.mask2d
+    hidden, caches, packed, mask = compact_tokens(keep, batch.hidden, caches, packed, mask)
+    p = batch.pos.shape[0]
+    pos = packed[:p]
+    text_pos = packed[p] if batch.text_pos is not None else None
+    index = packed[-2]
+    # Padding slots come back as 0; mark them -1 so they never alias token 0.
+    index = torch.where(mask.bool(), index, torch.full_like(index, -1))
+    visual = packed[-1].bool()
+    return TokenBatch(hidden, pos, text_pos, mask, index, visual), caches
+
+
+def causal_mask(config, hidden: torch.Tensor, mask2d: torch.Tensor | None):
+    """The attention mask HF's attention implementations expect, for a prefill over ``hidden``.
+
+    Built from the 2D padding mask alone (no cache), which is exact for a prefill that starts
+    from an empty cache and lets every layer phase of a pruned forward get its own mask.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(
+        config=config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=None, position_ids=None
+    )
+
+
+@dataclass
+class PrunedCacheState:
+    """What decoding needs to know about a cache that was pruned during prefill.
+
+    ``prompt_len`` is the unpruned prompt length HF's 2D mask starts with, ``mask`` [B, S'] the
+    padding mask of the tokens the cache kept.
+    """
+
+    cache_ref: weakref.ref
+    prompt_len: int
+    mask: torch.Tensor
+    kept_len: int
+
+    def owns(self, cache) -> bool:
+        return cache is not None and self.cache_ref() is cache
+
+    def map_mask(self, attention_mask: torch.Tensor | None, q_len: int, cache_len: int) -> torch.Tensor | None:
+        """Map generate's full-length mask [B, prompt_len + t] onto the pruned cache [B, cache_len + q_len]."""
+        if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+            if attention_mask is None:
+                # No mask given: still need one, because the pruned cache is re-padded.
+                tail = torch.ones(self.mask.shape[0], cache_len + q_len - self.kept_len, dtype=self.mask.dtype, device=self.mask.device)
+                return torch.cat([self.mask, tail], 1)
+            return attention_mask
+        width = attention_mask.shape[1]
+        if width == cache_len + q_len:
+            return attention_mask  # already in pruned coordinates
+        generated = width - self.prompt_len
+        if generated != cache_len + q_len - self.kept_len:
+            raise ValueError(
+                f"attention_mask has {width} columns, but a pruned cache of {cache_len} tokens built from a "
+                f"{self.prompt_len}-token prompt expects {self.prompt_len + cache_len + q_len - self.kept_len} "
+                f"(unpruned numbering) or {cache_len + q_len} (pruned numbering)"
+            )
+        return torch.cat([self.mask.to(attention_mask.dtype), attention_mask[:, self.prompt_len:]], 1)
+
+
+@dataclass
+class CallContext:
+    """Inputs of one outer model call that the language-model forward needs."""
+
+    input_ids: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    has_pixels: bool = False
+    vision_features: list[torch.Tensor] | None = None
+    extra: dict = field(default_factory=dict)
