@@ -193,7 +193,8 @@ class CallContext:
     """Inputs of one outer model call that the language-model forward needs."""
 
     input_ids: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    has_pixels: bool = False
+    #: [n_images, 2] token grid (rows, cols) of each image, filled at prefill
+    image_grids: torch.Tensor | None = None
+    #: per condition layer [N, width] pooled vision features, natural token order
     vision_features: list[torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)

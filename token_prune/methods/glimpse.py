@@ -142,11 +142,6 @@ class GlimpsePrune:
         mods = self.modules
         B, S, H = batch.hidden.shape
         dev = batch.hidden.device
-        if ctx.vision_features is None:
-            raise RuntimeError(
-                "token_prune: the vision features were not captured; pass pixel_values (precomputed "
-                "vision encoder outputs are not supported with glimpse pruning)"
-            )
         gvec = mods.glimpse.all_layers(K).to(batch.hidden.dtype)  # [K+1, H]
 
         # 1. Append the glimpse token after the last prompt token.
@@ -183,13 +178,14 @@ class GlimpsePrune:
             _, keys = adapter.project_qk(K, h_in_k, cos, sin)
         groups = q.shape[1] // keys.shape[1]
         keys = keys.repeat_interleave(groups, dim=1)
-        scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, heads, 1, S+1]
+        acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32 for the dot products
+        scores = (q.to(acc) @ keys.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, heads, 1, S+1]
         if mods.config.glimpse_score == "log_softmax":
             scores = scores.masked_fill(~ext.valid[:, None, None, :], float("-inf")).log_softmax(-1)
         attn_map = scores[:, :, 0, :S].transpose(1, 2)[batch.visual]  # [N, heads]
 
         # 3. VIP logits and the keep rule, per image.
-        grids = adapter.image_grids(ctx).to(dev)
+        grids = ctx.image_grids.to(dev)
         sizes = (grids[:, 0] * grids[:, 1]).tolist()
         n_vis = int(batch.visual.sum())
         if sum(sizes) != n_vis:

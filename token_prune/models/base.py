@@ -113,11 +113,9 @@ class ModelAdapter:
         return [max(0, d * (4 - i) // 4 - 1) for i in range(4)]
 
     def install_vision_hooks(self, runtime: "Runtime", layers: list[int]) -> list:
-        """Register hooks that put per-image pooled features of ``layers`` into ``runtime.ctx``."""
-        raise NotImplementedError
-
-    def image_grids(self, ctx: CallContext) -> torch.Tensor:
-        """[n_images, 2] token grid (rows, cols) of every image in the batch, in order."""
+        """Register hooks that hand every vision-tower pass to ``runtime.add_vision_capture``:
+        the pooled features of ``layers`` ([N, width] each, natural token order, images
+        concatenated) and the token grid [n_images, 2] (rows, cols) of the images."""
         raise NotImplementedError
 
     def decode_positions(self, runtime: "Runtime", kwargs: dict):
@@ -140,6 +138,7 @@ class Runtime:
         self.pruned: PrunedCacheState | None = None
         self.stats: list[dict] = []
         self.keep_mask: torch.Tensor | None = None
+        self.vision_captures: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         self._hooks: list = []
         self._saved: list[tuple[torch.nn.Module, bool, object]] = []
 
@@ -182,17 +181,32 @@ class Runtime:
         self.ctx = None
         self.pruned = None
 
+    # -- vision features -------------------------------------------------------------------
+    def add_vision_capture(self, feats: list[torch.Tensor], grid: torch.Tensor) -> None:
+        self.vision_captures.append((feats, grid))
+        del self.vision_captures[:-4]  # a few passes (images, videos) between two prefills at most
+
+    def take_vision_capture(self, n_visual: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The latest vision pass whose token count matches the prompt's image tokens."""
+        for feats, grid in reversed(self.vision_captures):
+            if feats and feats[0].shape[0] == n_visual:
+                self.vision_captures.clear()
+                return feats, grid
+        counts = [f[0].shape[0] for f, _ in self.vision_captures]
+        self.vision_captures.clear()
+        raise RuntimeError(
+            f"token_prune: the prompt has {n_visual} image tokens but no vision-tower pass of that size was seen "
+            f"(seen: {counts or 'none'}). Pass pixel_values to the patched model (precomputed image features "
+            "from before patching cannot be used), and use num_beams=1, num_return_sequences=1."
+        )
+
     # -- forwards ------------------------------------------------------------------------
     def _outer_forward(self, orig, module, *args, **kwargs):
         bound = inspect.signature(orig).bind_partial(*args, **kwargs)
         a = bound.arguments
         extra = a.get("kwargs", {})
         get = lambda k: a.get(k, extra.get(k))  # noqa: E731
-        ctx = CallContext(
-            input_ids=get("input_ids"),
-            image_grid_thw=get("image_grid_thw"),
-            has_pixels=get("pixel_values") is not None,
-        )
+        ctx = CallContext(input_ids=get("input_ids"))
         cache = get("past_key_values")
         if self.pruned is not None and self.pruned.owns(cache) and get("position_ids") is None:
             pos = self.adapter.decode_positions(self, dict(a, **extra))
@@ -210,10 +224,11 @@ class Runtime:
         ctx = self.ctx
         cache_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if cache_len == 0:
-            wants = ctx is not None and ctx.has_pixels and ctx.input_ids is not None
+            wants = ctx is not None and ctx.input_ids is not None
             if wants and not isinstance(attention_mask, dict) and (attention_mask is None or attention_mask.ndim == 2):
                 visual = ctx.input_ids == self.adapter.image_token_id
                 if bool(visual.any()):
+                    ctx.vision_features, ctx.image_grids = self.take_vision_capture(int(visual.sum()))
                     return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, past_key_values,
                                                 inputs_embeds, use_cache, visual, kwargs)
             self.pruned = None

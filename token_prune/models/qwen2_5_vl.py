@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import CallContext
 from .base import ModelAdapter
 
 
@@ -73,11 +72,6 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def vision_depth(self):
         return self.model.config.vision_config.depth
 
-    def image_grids(self, ctx: CallContext) -> torch.Tensor:
-        merge = self.model.config.vision_config.spatial_merge_size
-        g = ctx.image_grid_thw
-        return torch.stack([g[:, 0] * (g[:, 1] // merge), g[:, 2] // merge], 1)
-
     def install_vision_hooks(self, runtime, layers):
         vc = self.model.config.vision_config
         merge = vc.spatial_merge_size
@@ -97,23 +91,22 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
         def make_block_hook(idx):
             def hook(module, args, output):
-                if runtime.ctx is not None and grid[0] is not None:
-                    out = output[0] if isinstance(output, tuple) else output
-                    captured[idx] = out
+                captured[idx] = output[0] if isinstance(output, tuple) else output
             return hook
 
         def post(module, args, kwargs, output):
-            ctx = runtime.ctx
-            if ctx is None or ctx.vision_features is not None or grid[0] is None:
-                return  # only the first vision call of a forward (the images) is used
+            # Runs for every pass of the vision tower, inside a model forward or not: since
+            # transformers 5.2x, generate() encodes the images before its first forward call.
+            if grid[0] is None or len(captured) != len(layers):
+                return
             order = vit_window_order(grid[0].cpu(), window, merge).to(grid[0].device)
             inverse = torch.argsort(order)
             feats = []
             for blk in layers:
                 h = captured[blk]
-                pooled = h.reshape(h.shape[0] // unit, unit, -1).mean(1)
-                feats.append(pooled[inverse])
-            ctx.vision_features = feats
+                feats.append(h.reshape(h.shape[0] // unit, unit, -1).mean(1)[inverse])
+            g = grid[0]
+            runtime.add_vision_capture(feats, torch.stack([g[:, 0] * (g[:, 1] // merge), g[:, 2] // merge], 1))
             captured.clear()
 
         hooks = [self.visual.register_forward_pre_hook(pre, with_kwargs=True)]
