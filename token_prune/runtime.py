@@ -152,40 +152,105 @@ def causal_mask(config, hidden: torch.Tensor, mask2d: torch.Tensor | None):
 
 
 @dataclass
+class PrefillResult:
+    """What a method's prefill hands back to the runtime.
+
+    Attributes:
+        hidden: [B, S_out, H] last hidden states, before the final norm.
+        batch: the tokens those rows are (``batch.index`` maps rows to prompt positions).
+        stats: one dict per sample.
+        layer_masks: per decoder layer, [B, C_l] padding mask of what that layer's KV cache
+            holds after prefill (C_l its padded length). None: every layer holds ``batch``.
+    """
+
+    hidden: torch.Tensor
+    batch: TokenBatch
+    stats: list[dict]
+    layer_masks: list[torch.Tensor] | None = None
+
+
+@dataclass
 class PrunedCacheState:
     """What decoding needs to know about a cache that was pruned during prefill.
 
-    ``prompt_len`` is the unpruned prompt length HF's 2D mask starts with, ``mask`` [B, S'] the
-    padding mask of the tokens the cache kept.
+    ``prompt_len`` is the unpruned prompt length HF's 2D mask starts with; ``layer_masks[l]``
+    [B, C_l] the padding mask of the prompt tokens layer l's cache kept. When every layer kept
+    the same tokens (``uniform``), decoding can use HF's own forward with a remapped mask;
+    otherwise each layer needs its own mask.
     """
 
     cache_ref: weakref.ref
     prompt_len: int
-    mask: torch.Tensor
-    kept_len: int
+    layer_masks: list[torch.Tensor]
+
+    @property
+    def uniform(self) -> bool:
+        first = self.layer_masks[0]
+        return all(m is first for m in self.layer_masks)
 
     def owns(self, cache) -> bool:
         return cache is not None and self.cache_ref() is cache
 
-    def map_mask(self, attention_mask: torch.Tensor | None, q_len: int, cache_len: int) -> torch.Tensor | None:
-        """Map generate's full-length mask [B, prompt_len + t] onto the pruned cache [B, cache_len + q_len]."""
-        if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
-            if attention_mask is None:
-                # No mask given: still need one, because the pruned cache is re-padded.
-                tail = torch.ones(self.mask.shape[0], cache_len + q_len - self.kept_len, dtype=self.mask.dtype, device=self.mask.device)
-                return torch.cat([self.mask, tail], 1)
-            return attention_mask
+    def next_position(self, cache) -> int:
+        """Unpruned index of the next token: prompt length plus tokens decoded since prefill."""
+        return self.prompt_len + cache.layers[0].get_seq_length() - self.layer_masks[0].shape[1]
+
+    def layer_mask(self, layer: int, attention_mask: torch.Tensor | None, q_len: int, cache_len: int) -> torch.Tensor:
+        """Map generate's full-length mask [B, prompt_len + t] onto layer ``layer``'s cache.
+
+        Args:
+            attention_mask: HF's 2D mask in unpruned numbering ([B, prompt_len + t + q]), in
+                this layer's numbering already ([B, cache_len + q]), or None (no padding added
+                after the prompt).
+            q_len: tokens in this forward.
+            cache_len: entries in this layer's cache before this forward.
+
+        Returns:
+            [B, cache_len + q_len] mask in the layer's cache order.
+        """
+        kept = self.layer_masks[layer]
+        generated = cache_len - kept.shape[1]  # tokens decoded since the prefill
+        if attention_mask is None:
+            tail = kept.new_ones(kept.shape[0], generated + q_len)
+            return torch.cat([kept, tail], 1)
         width = attention_mask.shape[1]
         if width == cache_len + q_len:
-            return attention_mask  # already in pruned coordinates
-        generated = width - self.prompt_len
-        if generated != cache_len + q_len - self.kept_len:
+            return attention_mask  # already in pruned numbering
+        if width != self.prompt_len + generated + q_len:
             raise ValueError(
                 f"attention_mask has {width} columns, but a pruned cache of {cache_len} tokens built from a "
-                f"{self.prompt_len}-token prompt expects {self.prompt_len + cache_len + q_len - self.kept_len} "
+                f"{self.prompt_len}-token prompt expects {self.prompt_len + generated + q_len} "
                 f"(unpruned numbering) or {cache_len + q_len} (pruned numbering)"
             )
-        return torch.cat([self.mask.to(attention_mask.dtype), attention_mask[:, self.prompt_len:]], 1)
+        return torch.cat([kept.to(attention_mask.dtype), attention_mask[:, self.prompt_len:]], 1)
+
+
+def decode_mask(impl: str, mask2d: torch.Tensor, q_len: int, dtype: torch.dtype):
+    """Attention mask for ``q_len`` new tokens that follow a cache, in the form ``impl`` wants.
+
+    Args:
+        impl: the model's attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...).
+        mask2d: [B, kv] 1 for real keys (the cache plus the new tokens, in order).
+        q_len: new tokens, the last ``q_len`` keys.
+        dtype: model dtype (eager masks are additive).
+
+    Returns:
+        [B, 1, q, kv] bool (sdpa), [B, 1, q, kv] additive float (eager), or the 2D mask itself
+        (flash-attention variants, which apply causality themselves).
+    """
+    if "flash" in impl:
+        return mask2d
+    kv = mask2d.shape[1]
+    qpos = torch.arange(kv - q_len, kv, device=mask2d.device)
+    kpos = torch.arange(kv, device=mask2d.device)
+    allowed = mask2d.bool()[:, None, None, :] & (kpos[None, :] <= qpos[:, None])[None, None]
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        zero = torch.zeros((), dtype=dtype, device=mask2d.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    raise NotImplementedError(f"token_prune: attention implementation {impl!r} is not supported for decoding "
+                              "with per-layer pruned caches; use sdpa, eager or flash_attention_2")
 
 
 @dataclass

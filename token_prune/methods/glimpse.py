@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from ..runtime import TokenBatch, causal_mask, compact_batch, keep_mask_from_scores
+from ..runtime import PrefillResult, TokenBatch, causal_mask, compact_batch, keep_mask_from_scores
 from ..vip import GlimpseConfig, GlimpseModules
 
 
@@ -221,7 +221,7 @@ class GlimpsePrune:
                 hidden = layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin),
                                    position_ids=short.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
         short.hidden = hidden
-        return hidden, short, self._stats(batch, keep_vis, sizes, logits)
+        return PrefillResult(hidden, short, self._stats(batch, keep_vis, sizes, logits))
 
     @staticmethod
     def _stats(batch, keep_vis, sizes, logits):

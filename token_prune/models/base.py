@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ..runtime import CallContext, PrunedCacheState, TokenBatch
+from ..runtime import CallContext, PrunedCacheState, TokenBatch, decode_mask
 
 
 class ModelAdapter:
@@ -236,7 +236,12 @@ class Runtime:
             self.keep_mask = None
         elif self.pruned is not None and self.pruned.owns(past_key_values):
             q_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-            attention_mask = self.pruned.map_mask(attention_mask, q_len, cache_len)
+            if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
+                raise NotImplementedError("token_prune: decoding on a pruned cache needs a 2D attention mask")
+            if not self.pruned.uniform:
+                return self._layerwise_decode(lm, input_ids, attention_mask, position_ids, past_key_values,
+                                              inputs_embeds, use_cache, kwargs)
+            attention_mask = self.pruned.layer_mask(0, attention_mask, q_len, cache_len)
         return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
 
@@ -270,26 +275,52 @@ class Runtime:
             index = torch.where(mask2d.bool(), index, torch.full_like(index, -1))
         batch = TokenBatch(inputs_embeds, pos, text_pos, mask2d, index, visual.to(dev))
 
-        hidden, batch, stats = self.method.prefill(self, lm, batch, cache, use_cache, kwargs)
-        hidden = lm.norm(hidden)
-        # Which prompt positions survived, in the caller's [B, S] coordinates.
+        res = self.method.prefill(self, lm, batch, cache, use_cache, kwargs)
+        hidden = lm.norm(res.hidden)
+        out = res.batch
+        # Which prompt positions reach the output, in the caller's [B, S] coordinates.
         keep_mask = torch.zeros(B, S + 1, dtype=torch.bool, device=dev)
-        rows = torch.arange(B, device=dev)[:, None].expand_as(batch.index)
+        rows = torch.arange(B, device=dev)[:, None].expand_as(out.index)
         # Padding slots (index -1) land in the spare last column, which is dropped.
-        keep_mask[rows, torch.where(batch.index >= 0, batch.index, S)] = batch.index >= 0
+        keep_mask[rows, torch.where(out.index >= 0, out.index, S)] = out.index >= 0
         self.keep_mask = keep_mask[:, :S]
+        stats = res.stats
         if cache is not None:
-            self.pruned = PrunedCacheState(
-                cache_ref=weakref.ref(cache),
-                prompt_len=S,
-                mask=batch.valid.long(),
-                kept_len=batch.hidden.shape[1],
-            )
+            masks = res.layer_masks
+            if masks is None:
+                shared = out.valid.long()
+                masks = [shared] * len(cache.layers)
+            self.pruned = PrunedCacheState(cache_ref=weakref.ref(cache), prompt_len=S, layer_masks=masks)
+            kv = torch.stack([m.bool().sum(1) for m in masks], 1).tolist()  # [B, layers]
             for i, s in enumerate(stats):
-                s["kv_len"] = [int(batch.valid[i].sum())] * len(cache.layers)
+                s["kv_len"] = kv[i]
                 s["kv_len_padded"] = [int(layer.keys.shape[-2]) for layer in cache.layers]
         self.stats = stats
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None)
+
+    def _layerwise_decode(self, lm, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs):
+        """Decode step on a cache whose layers hold different tokens: one mask per layer."""
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        for key in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(key, False):
+                raise NotImplementedError(f"token_prune: {key}=True is not supported on a pruned cache")
+        if inputs_embeds is None:
+            inputs_embeds = lm.embed_tokens(input_ids)
+        B, q, _ = inputs_embeds.shape
+        if position_ids is None:
+            raise ValueError("token_prune: decoding on a per-layer pruned cache needs position_ids "
+                             "(generate passes them)")
+        pos, text_pos = self.adapter.split_positions(position_ids, B, q, inputs_embeds.device)
+        cos, sin = self.adapter.rotary(inputs_embeds, pos)
+        impl = lm.config._attn_implementation
+        hidden = inputs_embeds
+        for i, layer in enumerate(lm.layers):
+            m2d = self.pruned.layer_mask(i, attention_mask, q, cache.layers[i].get_seq_length())
+            mask = decode_mask(impl, m2d, q, hidden.dtype)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=text_pos,
+                           past_key_values=cache, use_cache=use_cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden), past_key_values=cache)
 
 
 def _rebind(fn, args, kwargs):

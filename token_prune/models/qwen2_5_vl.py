@@ -125,8 +125,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         emb = kwargs.get("inputs_embeds")
         q = (ids if ids is not None else emb).shape[1]
         b = (ids if ids is not None else emb).shape[0]
-        st = runtime.pruned
-        start = st.prompt_len + cache.get_seq_length() - st.kept_len
+        start = runtime.pruned.next_position(cache)
         dev = (ids if ids is not None else emb).device
         text = torch.arange(start, start + q, device=dev).view(1, -1).expand(b, -1)
         deltas = self.outer.rope_deltas

@@ -1,0 +1,97 @@
+"""``token-prune`` command line.
+
+    token-prune demo                 # prune a tiny built-in model, print what was kept
+    token-prune demo --method glimpse --keep-ratio 0.1 --layer 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+
+def _demo(args) -> int:
+    import torch
+
+    import token_prune as tp
+    from token_prune import tiny
+
+    torch.manual_seed(args.seed)
+    builders = {"qwen2_5_vl": (tiny.tiny_qwen2_5_vl, tiny.qwen_inputs, tiny.default_samples)}
+    extra = getattr(tiny, "DEMO_MODELS", {})
+    builders.update(extra)
+    if args.model not in builders:
+        print(f"unknown demo model {args.model!r}; choose from {', '.join(sorted(builders))}", file=sys.stderr)
+        return 2
+    build, make_inputs, samples = builders[args.model]
+    t0 = time.perf_counter()
+    model = build(attn_implementation=args.attn, seed=args.seed)
+    inputs = make_inputs(model, samples(), seed=args.seed)
+    print(f"tiny {args.model}: {model.config.text_config.num_hidden_layers} decoder layers, "
+          f"built in {time.perf_counter() - t0:.1f}s (random weights, no download)")
+
+    options = {k: v for k, v in dict(threshold=args.threshold, keep_ratio=args.keep_ratio, layer=args.layer,
+                                      max_keep_ratio=args.max_keep_ratio, vip=args.vip).items() if v is not None}
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        full = model(**inputs)
+        full_kv = [int(x) for x in inputs["attention_mask"].sum(1)]
+        ref = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)[:, prompt_len:]
+        with warnings.catch_warnings():
+            if args.vip is None:
+                warnings.simplefilter("ignore")  # the demo says below that its VIP is untrained
+            handle = tp.patch(model, method=args.method, **options)
+        with handle:
+            t1 = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)[:, prompt_len:]
+            dt = time.perf_counter() - t1
+            stats = handle.stats
+            opts = handle.options
+    del full
+
+    print(f"method={args.method} options={opts}" + ("  (untrained random VIP)" if args.vip is None and args.method == "glimpse" else ""))
+    header = f"{'sample':>6} {'visual':>7} {'kept':>6} {'kept %':>7} {'KV full':>8} {'KV pruned':>10}  generated (full | pruned)"
+    print(header)
+    print("-" * len(header))
+    for b, s in enumerate(stats):
+        kv = s.get("kv_len", [None])[0]
+        print(f"{b:>6} {s['visual_tokens']:>7} {s['kept_tokens']:>6} {100 * s['keep_ratio']:>6.1f}% "
+              f"{full_kv[b]:>8} {kv:>10}  {ref[b].tolist()} | {out[b].tolist()}")
+    per_layer = stats[0].get("kv_len", []) if stats else []
+    if per_layer:
+        print(f"sample 0 KV length per layer after prefill: {per_layer}")
+    print(f"pruned generate: {dt * 1000:.0f} ms for {args.max_new_tokens} tokens")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="token-prune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="prune a tiny random-weight model built from a config (no download)")
+    demo.add_argument("--model", default="qwen2_5_vl")
+    demo.add_argument("--method", default="glimpse")
+    demo.add_argument("--keep-ratio", type=float, default=None,
+                      help="keep exactly this fraction of each image's tokens (default: threshold rule)")
+    demo.add_argument("--threshold", type=float, default=None)
+    demo.add_argument("--max-keep-ratio", type=float, default=None)
+    demo.add_argument("--layer", type=int, default=None)
+    demo.add_argument("--vip", default=None, help="trained VIP directory (glimpse)")
+    demo.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"token-prune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
