@@ -262,4 +262,6 @@ class CallContext:
     image_grids: torch.Tensor | None = None
     #: per condition layer [N, width] pooled vision features, natural token order
     vision_features: list[torch.Tensor] | None = None
+    #: tokens of each image, in prompt order
+    image_sizes: list[int] | None = None
     extra: dict = field(default_factory=dict)

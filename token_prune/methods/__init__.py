@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from .fastv import FastV
 from .glimpse import GlimpsePrune
 
 METHODS = {
     GlimpsePrune.name: GlimpsePrune,
+    FastV.name: FastV,
 }
 
 
@@ -21,4 +23,4 @@ def method_class(name):
     return METHODS[name]
 
 
-__all__ = ["METHODS", "method_class", "supported_methods", "GlimpsePrune"]
+__all__ = ["METHODS", "method_class", "supported_methods", "GlimpsePrune", "FastV"]

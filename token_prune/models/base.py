@@ -147,9 +147,9 @@ class Runtime:
         outer, lm = self.adapter.outer, self.adapter.lm
         self._wrap(outer, self._outer_forward)
         self._wrap(lm, self._lm_forward)
-        layers = self.method.vision_layers()
-        if layers:
-            self._hooks.extend(self.adapter.install_vision_hooks(self, layers))
+        # Installed even when the method reads no features: the hooks also record each image's
+        # token grid, which per-image keep rules need.
+        self._hooks.extend(self.adapter.install_vision_hooks(self, self.method.vision_layers()))
 
     def _wrap(self, module: torch.nn.Module, fn) -> None:
         had = "forward" in module.__dict__
@@ -186,14 +186,21 @@ class Runtime:
         self.vision_captures.append((feats, grid))
         del self.vision_captures[:-4]  # a few passes (images, videos) between two prefills at most
 
-    def take_vision_capture(self, n_visual: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The latest vision pass whose token count matches the prompt's image tokens."""
-        for feats, grid in reversed(self.vision_captures):
-            if feats and feats[0].shape[0] == n_visual:
+    def take_vision_capture(self, n_visual: int, required: bool = True):
+        """The latest vision pass whose token count matches the prompt's image tokens.
+
+        Returns (features, layout, per-image token counts); (None, None, None) when nothing
+        matches and ``required`` is False.
+        """
+        for feats, layout in reversed(self.vision_captures):
+            sizes = layout_sizes(layout)
+            if sum(sizes) == n_visual:
                 self.vision_captures.clear()
-                return feats, grid
-        counts = [f[0].shape[0] for f, _ in self.vision_captures]
+                return feats, layout, sizes
+        counts = [sum(layout_sizes(layout)) for _, layout in self.vision_captures]
         self.vision_captures.clear()
+        if not required:
+            return None, None, None
         raise RuntimeError(
             f"token_prune: the prompt has {n_visual} image tokens but no vision-tower pass of that size was seen "
             f"(seen: {counts or 'none'}). Pass pixel_values to the patched model (precomputed image features "
@@ -228,7 +235,8 @@ class Runtime:
             if wants and not isinstance(attention_mask, dict) and (attention_mask is None or attention_mask.ndim == 2):
                 visual = ctx.input_ids == self.adapter.image_token_id
                 if bool(visual.any()):
-                    ctx.vision_features, ctx.image_grids = self.take_vision_capture(int(visual.sum()))
+                    ctx.vision_features, ctx.image_grids, ctx.image_sizes = self.take_vision_capture(
+                        int(visual.sum()), required=bool(self.method.vision_layers()))
                     return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, past_key_values,
                                                 inputs_embeds, use_cache, visual, kwargs)
             self.pruned = None
@@ -321,6 +329,13 @@ class Runtime:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=text_pos,
                            past_key_values=cache, use_cache=use_cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden), past_key_values=cache)
+
+
+def layout_sizes(layout) -> list[int]:
+    """Tokens per image of a vision layout: a grid [n_images, 2] or (positions [N, 2], lengths)."""
+    if isinstance(layout, torch.Tensor):
+        return (layout[:, 0] * layout[:, 1]).tolist()
+    return [int(n) for n in layout[1]]
 
 
 def _rebind(fn, args, kwargs):
