@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from .alvts import ALVTS
 from .fastv import FastV
 from .glimpse import GlimpsePrune
 
 METHODS = {
     GlimpsePrune.name: GlimpsePrune,
     FastV.name: FastV,
+    ALVTS.name: ALVTS,
 }
 
 
@@ -23,4 +25,4 @@ def method_class(name):
     return METHODS[name]
 
 
-__all__ = ["METHODS", "method_class", "supported_methods", "GlimpsePrune", "FastV"]
+__all__ = ["METHODS", "method_class", "supported_methods", "GlimpsePrune", "FastV", "ALVTS"]

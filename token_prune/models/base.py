@@ -27,6 +27,8 @@ class ModelAdapter:
     glimpse_relative_depth: float = 0.64
     #: how the glimpse attention map is scored: raw scaled logits or log-softmax over the keys
     glimpse_score: str = "logits"
+    #: hidden size -> ALVTS selector rank published for that model size
+    alvts_ranks: dict[int, int] = {}
 
     def __init__(self, model):
         self.model = model
@@ -75,6 +77,10 @@ class ModelAdapter:
         if n in self.glimpse_layers:
             return self.glimpse_layers[n]
         return min(n - 1, max(0, round(self.glimpse_relative_depth * n)))
+
+    def default_alvts_rank(self) -> int:
+        """Published rank for this size, else hidden/16 (256 for a 4096-wide model)."""
+        return self.alvts_ranks.get(self.hidden_size, max(4, self.hidden_size // 16))
 
     # -- per-architecture numerics -------------------------------------------------------
     def rotary(self, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     model_type = "qwen2_5_vl"
     # Public GlimpsePrune settings: 3B 23/36, 7B 18/28, 32B 42/64, 72B 53/80 (0-indexed).
     glimpse_layers = {36: 23, 28: 18, 64: 42, 80: 53}
+    # ALVTS paper: rank 128 for Qwen2.5-VL-3B (hidden 2048).
+    alvts_ranks = {2048: 128}
 
     @property
     def outer(self):

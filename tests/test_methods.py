@@ -1,0 +1,213 @@
+"""FastV and ALVTS (and GlimpsePrune where the grid is shared) on every supported model,
+checked against the masked unpatched-model oracle of ``reference_model``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import token_prune as tp
+from token_prune import tiny
+from reference_model import masked_generate, qwen_decode_position
+
+pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")
+
+
+def _qwen(dtype, seed, attn="sdpa"):
+    return tiny.tiny_qwen2_5_vl(attn_implementation=attn, dtype=dtype, seed=seed)
+
+
+def _qwen_samples():
+    return [tiny.SampleSpec(images=((128, 96),), prefix_len=3, suffix_len=6),
+            tiny.SampleSpec(images=((64, 64), (32, 64)), prefix_len=5, suffix_len=4)]
+
+
+MODELS = {
+    "qwen2_5_vl": dict(build=_qwen, inputs=tiny.qwen_inputs, samples=_qwen_samples, decode_position=qwen_decode_position),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def family(request):
+    spec = MODELS[request.param]
+    model = spec["build"](torch.float64, 21)
+    return request.param, spec, model
+
+
+def _inputs(spec, model, seed):
+    return spec["inputs"](model, spec["samples"](), seed=seed)
+
+
+@pytest.mark.parametrize("method, opts", [("fastv", dict(layer=1)), ("alvts", dict(start_layer=0)),
+                                          ("alvts", dict(start_layer=2, rank=8))])
+def test_keep_everything_equals_unpatched(family, method, opts):
+    _, spec, model = family
+    inputs = _inputs(spec, model, 1)
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        with tp.patch(model, method=method, keep_ratio=1.0, **opts):
+            out = model(**inputs).logits
+            tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-12, atol=1e-12)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("layer", [0, 2, 5])
+def test_fastv_matches_masked_reference(family, layer):
+    _, spec, model = family
+    inputs = _inputs(spec, model, 2)
+    valid = inputs["attention_mask"].bool()
+    L = model.config.text_config.num_hidden_layers
+    with torch.no_grad(), tp.patch(model, method="fastv", layer=layer, keep_ratio=0.3) as h:
+        tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        keep = h.keep_mask.clone()
+        stats = h.stats
+    rule = [valid if li <= layer else keep for li in range(L)]
+    ref, _ = masked_generate(model, inputs, 5, rule, rule, decode_position=spec["decode_position"])
+    assert torch.equal(tokens, ref)
+    visual = inputs["input_ids"] == model.config.image_token_id
+    for b, s in enumerate(stats):
+        kept = int((keep[b] & visual[b]).sum())
+        assert s["kept_tokens"] == kept == sum(-(-3 * img["tokens"] // 10) for img in s["images"])
+        n_real = int(valid[b].sum())
+        assert s["kv_len"] == [n_real] * (layer + 1) + [n_real - s["visual_tokens"] + kept] * (L - layer - 1)
+
+
+def test_fastv_scores_are_last_token_attention(family):
+    """FastV keeps the visual tokens the last prompt token attends to most at layer K
+    (read from the unpatched model's eager attention probabilities, head-averaged)."""
+    name, spec, _ = family
+    model = spec["build"](torch.float64, 22, attn="eager")
+    inputs = spec["inputs"](model, spec["samples"]()[:1], seed=3)
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions[2][0].mean(0)[-1]  # [S]
+        with tp.patch(model, method="fastv", layer=2, keep_ratio=0.25) as h:
+            model(**inputs)
+            keep = h.keep_mask[0]
+    visual = inputs["input_ids"][0] == model.config.image_token_id
+    n = int(visual.sum())
+    k = -(-n // 4)
+    top = torch.topk(att[visual], k).indices
+    assert set(top.tolist()) == set(torch.nonzero(keep[visual]).flatten().tolist())
+
+
+@pytest.mark.parametrize("start_layer", [0, 3])
+def test_alvts_matches_masked_reference(family, start_layer):
+    _, spec, model = family
+    inputs = _inputs(spec, model, 4)
+    L = model.config.text_config.num_hidden_layers
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.25, start_layer=start_layer) as h:
+        out = model(**inputs)
+        processed = [p.clone() for p in h.method.last_processed]
+        stats = h.stats
+        tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    skip = [valid & ~p for p in processed]
+    ref, first = masked_generate(model, inputs, 5, processed, processed, skip_rows=skip,
+                                 decode_position=spec["decode_position"])
+    torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-9, atol=1e-9)
+    assert torch.equal(tokens, ref)
+    visual = inputs["input_ids"] == model.config.image_token_id
+    for li in range(L):
+        # every real text token goes through every layer; visual tokens only when selected
+        assert bool(processed[li][valid & ~visual].all())
+        n_sel = (processed[li] & visual).sum(1)
+        if li < start_layer:
+            assert torch.equal(n_sel, visual.sum(1))
+        else:
+            for b, s in enumerate(stats):
+                assert int(n_sel[b]) == sum(-(-img // 4) for img in _image_sizes(inputs, model, b))
+    for b, s in enumerate(stats):
+        assert s["kv_len"] == [int(processed[li][b].sum()) for li in range(L)]
+    # selections differ between layers somewhere: it is layer-wise, not a fixed subset
+    assert any(not torch.equal(processed[start_layer], p) for p in processed[start_layer + 1:])
+
+
+def _image_sizes(inputs, model, b):
+    ids = inputs["input_ids"][b].tolist()
+    sizes, run = [], 0
+    for t in ids + [-1]:
+        if t == model.config.image_token_id:
+            run += 1
+        elif run:
+            sizes.append(run)
+            run = 0
+    return sizes
+
+
+def test_alvts_score_matches_full_rank_oracle_at_full_rank(family):
+    """With rank = hidden size the SVD factors are exact, so the selector reproduces the
+    oracle score computed from the unpatched model's eager attention probabilities."""
+    from token_prune.methods.alvts import selection_scores
+
+    name, spec, _ = family
+    model = spec["build"](torch.float64, 23, attn="eager")
+    inputs = spec["inputs"](model, spec["samples"]()[:1], seed=5)
+    H = model.config.text_config.hidden_size
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+        with tp.patch(model, method="alvts", keep_ratio=0.5, rank=H) as h:
+            adapter = h.method.adapter
+            visual = inputs["input_ids"] == model.config.image_token_id
+            valid = inputs["attention_mask"].bool()
+            layer = 1
+            x = out.hidden_states[layer]
+            pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                image_grid_thw=inputs["image_grid_thw"])
+            cos, sin = adapter.rotary(x, pos)
+            q, k = h.method.selector.qk(adapter, layer, x, cos, sin)
+            got = selection_scores(q, k, valid, visual, chunk=7)
+    A = out.attentions[layer][0].mean(0)  # [S, S] head-averaged probabilities
+    vis, txt = visual[0], ~visual[0]
+    oracle = A[vis].mean(0) * A[txt].mean(0)
+    torch.testing.assert_close(got[0][vis], oracle[vis], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("method, opts", [("fastv", dict(layer=2, keep_ratio=0.3)),
+                                          ("alvts", dict(keep_ratio=0.3)),
+                                          ("glimpse", dict(layer=2, keep_ratio=0.3))])
+def test_batch_matches_each_sample_alone(family, method, opts):
+    name, spec, model = family
+    samples = spec["samples"]()
+    inputs = spec["inputs"](model, samples, seed=6)
+    with torch.no_grad(), tp.patch(model, method=method, **opts):
+        batch = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        for b in range(len(samples)):
+            alone_inputs = tiny.select_sample(model, inputs, b)
+            alone = model.generate(**alone_inputs, max_new_tokens=5, do_sample=False)
+            assert torch.equal(alone[0, alone_inputs["input_ids"].shape[1]:], batch[b]), (method, b)
+
+
+@pytest.mark.parametrize("method", ["fastv", "alvts"])
+def test_remove_restores_bit_for_bit(family, method):
+    _, spec, model = family
+    inputs = _inputs(spec, model, 7)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        h = tp.patch(model, method=method, keep_ratio=0.2)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        h.remove()
+        after = model(**inputs).logits
+    assert torch.equal(before, after)
+    assert all("forward" not in m.__dict__ and not m._forward_hooks and not m._forward_pre_hooks
+               for m in model.modules())
+
+
+@pytest.mark.parametrize("method, kwargs, exc, match", [
+    ("fastv", dict(keep_ratio=0), ValueError, r"keep_ratio must be in \(0, 1\]"),
+    ("fastv", dict(layer=99), ValueError, r"layer must be in \[0, 5\]"),
+    ("fastv", dict(threshold=0.5), TypeError, "threshold"),
+    ("alvts", dict(keep_ratio=2.0), ValueError, r"keep_ratio must be in \(0, 1\]"),
+    ("alvts", dict(start_layer=6), ValueError, r"start_layer must be in \[0, 5\]"),
+    ("alvts", dict(rank=0), ValueError, "rank must be a positive int"),
+    ("alvts", dict(selector=3.5), TypeError, "selector must be a path"),
+    ("alvts", dict(selector="/nonexistent/dir"), FileNotFoundError, "selector.json"),
+])
+def test_bad_options(family, method, kwargs, exc, match):
+    _, _, model = family
+    with pytest.raises(exc, match=match):
+        tp.patch(model, method=method, **kwargs)
+    assert tp.get_handle(model) is None

@@ -1,0 +1,317 @@
+"""ALVTS: adaptive layer-wise visual token selection (training-free skip-and-merge).
+
+Before every decoder layer from ``start_layer`` on, a low-rank copy of the layer's own query/key
+projections scores all visual tokens; the top ``ceil(keep_ratio * N)`` of each image go through
+the layer with all text tokens, the others skip it (attention and MLP), their hidden state
+passing through unchanged, and both streams are merged back in the original order. All tokens
+stay in the residual stream, so a token skipped at one layer can be selected at the next.
+
+Score of visual token i (per sample, real tokens only, causal like the layer itself):
+``S(i) = mean_j∈visual A[j, i] * mean_j∈text A[j, i]`` with ``A = softmax(q~ k~^T / sqrt(d))``
+averaged over heads, ``q~ = norm(x) A_Q^T B_Q^T + b_Q`` (rotary applied), likewise for k.
+
+Design choice (the paper leaves it open): a skipped token contributes nothing to attention at a
+layer where it is skipped, so that layer's KV cache holds only the tokens it processed. Decoding
+keeps exactly that: at layer l a new token attends to the text tokens and the visual tokens
+layer l selected during prefill. Each layer's cache therefore has its own length, and decoding
+uses one mask per layer (see ``handle.stats[i]["kv_len"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import weakref
+
+import torch
+
+from ..runtime import PrefillResult, causal_mask, compact_batch
+from .glimpse import _check_fraction
+
+FORMAT = "token_prune.alvts_selector"
+_SVD_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated-SVD factors of a Linear weight.
+
+    Args:
+        weight: [out, in] (``y = x @ weight.T``).
+        rank: R.
+
+    Returns:
+        (a [R, in], b [out, R]) with ``weight ≈ b @ a``: ``b = U_R S_R^1/2``, ``a = S_R^1/2 V_R^T``.
+    """
+    w = weight.detach().to(torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    r = min(rank, s.shape[0])
+    root = s[:r].sqrt()
+    return (root[:, None] * vh[:r]).to(weight.dtype), (u[:, :r] * root[None]).to(weight.dtype)
+
+
+class LowRankSelector(torch.nn.Module):
+    """Per-layer low-rank query/key factors.
+
+    ``factors[l]`` holds ``q_a`` [R, H], ``q_b`` [heads*d, R], ``k_a`` [R, H], ``k_b`` [kv_heads*d, R].
+    """
+
+    def __init__(self, factors: dict[int, dict[str, torch.Tensor]], rank: int):
+        super().__init__()
+        self.rank = rank
+        self.layers = torch.nn.ModuleDict()
+        for layer, f in factors.items():
+            m = torch.nn.Module()
+            for name, t in f.items():
+                m.register_parameter(name, torch.nn.Parameter(t.detach().clone(), requires_grad=False))
+            self.layers[str(layer)] = m
+
+    @classmethod
+    def from_svd(cls, adapter, rank: int, layers: list[int]) -> "LowRankSelector":
+        """SVD factors of each layer's own q/k projections (cached per projection module)."""
+        factors = {}
+        for li in layers:
+            attn = adapter.lm.layers[li].self_attn
+            f = {}
+            for name, proj in (("q", attn.q_proj), ("k", attn.k_proj)):
+                key = (rank, proj.weight._version, proj.weight.data_ptr())
+                hit = _SVD_CACHE.get(proj)
+                if hit is None or hit[0] != key:
+                    hit = (key, svd_factors(proj.weight, rank))
+                    _SVD_CACHE[proj] = hit
+                f[f"{name}_a"], f[f"{name}_b"] = hit[1]
+            factors[li] = f
+        return cls(factors, rank)
+
+    def has(self, layer: int) -> bool:
+        return str(layer) in self.layers
+
+    def qk(self, adapter, layer: int, hidden: torch.Tensor, cos, sin):
+        """Low-rank q~ [B, heads, S, d] and k~ [B, kv_heads, S, d] (rotary applied) of ``hidden`` [B, S, H]."""
+        f = self.layers[str(layer)]
+        mod = adapter.lm.layers[layer]
+        attn = mod.self_attn
+        h = mod.input_layernorm(hidden)
+        B, S, _ = h.shape
+        d = adapter.head_dim
+        q = (h @ f.q_a.T.to(h.dtype)) @ f.q_b.T.to(h.dtype)
+        k = (h @ f.k_a.T.to(h.dtype)) @ f.k_b.T.to(h.dtype)
+        if attn.q_proj.bias is not None:
+            q = q + attn.q_proj.bias
+        if attn.k_proj.bias is not None:
+            k = k + attn.k_proj.bias
+        q = q.view(B, S, -1, d).transpose(1, 2)
+        k = k.view(B, S, -1, d).transpose(1, 2)
+        c, s_ = cos[:, None], sin[:, None]
+        q = q * c + _rotate_half(q) * s_
+        k = k * c + _rotate_half(k) * s_
+        return q, k
+
+    def save(self, path, meta: dict | None = None) -> None:
+        """Write ``selector.safetensors`` + ``selector.json`` into directory ``path``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {f"layers.{l}.{n}": p.detach().contiguous().cpu() for l, m in self.layers.items()
+                   for n, p in m.named_parameters()}
+        save_file(tensors, os.path.join(path, "selector.safetensors"))
+        info = {"format": FORMAT, "version": 1, "rank": self.rank, "layers": sorted(int(k) for k in self.layers)}
+        info.update(meta or {})
+        with open(os.path.join(path, "selector.json"), "w") as f:
+            json.dump(info, f, indent=2)
+
+    @classmethod
+    def load(cls, path) -> tuple["LowRankSelector", dict]:
+        from safetensors.torch import load_file
+
+        path = os.fspath(path)
+        cfg_path = os.path.join(path, "selector.json")
+        w_path = os.path.join(path, "selector.safetensors")
+        for p in (cfg_path, w_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"ALVTS selector: {p} not found (expected a directory written by "
+                                        "calibrate_alvts / LowRankSelector.save)")
+        with open(cfg_path) as f:
+            info = json.load(f)
+        if info.get("format") != FORMAT:
+            raise ValueError(f"ALVTS selector: {cfg_path} is not a {FORMAT} file")
+        tensors = load_file(w_path)
+        factors: dict[int, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            _, layer, name = key.split(".")
+            factors.setdefault(int(layer), {})[name] = t
+        return cls(factors, info["rank"]), info
+
+    def check_compatible(self, adapter) -> None:
+        H, d = adapter.hidden_size, adapter.head_dim
+        shapes = {"q_a": (self.rank, H), "k_a": (self.rank, H), "q_b": (adapter.num_heads * d, self.rank),
+                  "k_b": (adapter.num_kv_heads * d, self.rank)}
+        for layer, m in self.layers.items():
+            if int(layer) >= adapter.num_layers:
+                raise ValueError(f"ALVTS selector has layer {layer} but the model has {adapter.num_layers} layers")
+            for name, shape in shapes.items():
+                got = tuple(getattr(m, name).shape)
+                if got != shape:
+                    raise ValueError(f"ALVTS selector layers.{layer}.{name} has shape {got}, the model needs {shape}")
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def selection_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor,
+                     chunk: int = 1024) -> torch.Tensor:
+    """ALVTS importance of every token: mean attention received from visual queries times mean
+    attention received from text queries (causal, real tokens only, head-averaged).
+
+    Computed over query blocks of ``chunk`` rows, so no [S, S] matrix per head is held at once.
+
+    Args:
+        q: [B, heads, S, d]; k: [B, kv_heads, S, d] (rotary applied).
+        valid: [B, S] bool real tokens; visual: [B, S] bool visual tokens.
+
+    Returns:
+        [B, S] float scores (meaningful at visual positions).
+    """
+    B, h, S, d = q.shape
+    k = k.repeat_interleave(h // k.shape[1], dim=1)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q, k = q.to(acc), k.to(acc)
+    vis_q = (visual & valid).to(acc)
+    txt_q = (~visual & valid).to(acc)
+    recv_vis = q.new_zeros(B, S)
+    recv_txt = q.new_zeros(B, S)
+    kpos = torch.arange(S, device=q.device)
+    scale = 1.0 / math.sqrt(d)
+    for start in range(0, S, chunk):
+        stop = min(S, start + chunk)
+        logits = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scale  # [B, h, c, S]
+        allowed = valid[:, None, None, :] & (kpos[None, None, None, :] <= torch.arange(start, stop, device=q.device)[None, None, :, None])
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.nan_to_num(logits.softmax(-1)).mean(1)  # [B, c, S]; padded rows are all -inf
+        recv_vis += (probs * vis_q[:, start:stop, None]).sum(1)
+        recv_txt += (probs * txt_q[:, start:stop, None]).sum(1)
+    n_vis = vis_q.sum(1, keepdim=True).clamp(min=1)
+    n_txt = txt_q.sum(1, keepdim=True).clamp(min=1)
+    return (recv_vis / n_vis) * (recv_txt / n_txt)
+
+
+def topk_per_image(scores: torch.Tensor, visual: torch.Tensor, sizes: list[int], keep_ratio: float) -> torch.Tensor:
+    """[B, S] bool: the top ``ceil(keep_ratio * n)`` visual tokens of each image (ties to the earlier token)."""
+    from ..runtime import keep_mask_from_scores
+
+    sel = torch.zeros_like(visual)
+    sel[visual] = keep_mask_from_scores(scores[visual], sizes, keep_ratio=keep_ratio, scores_are_logits=False)
+    return sel
+
+
+def scatter_rows(full: torch.Tensor, packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Write rows of ``packed`` [B, S', H] into a copy of ``full`` [B, S, H] at ``index`` [B, S']
+    (original positions, -1 for padding slots, which are skipped)."""
+    out = full.clone()
+    ok = index >= 0
+    rows = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(index)
+    out[rows[ok], index[ok]] = packed[ok]
+    return out
+
+
+class ALVTS:
+    """Options: ``keep_ratio`` (0.11), ``rank`` (None: per-model default), ``start_layer`` (0),
+    ``selector`` (None: SVD factors of each layer's q/k; or a directory from
+    :func:`calibrate_alvts`)."""
+
+    name = "alvts"
+
+    def __init__(self, adapter, *, keep_ratio: float = 0.11, rank: int | None = None, start_layer: int = 0,
+                 selector=None):
+        _check_fraction("keep_ratio", keep_ratio)
+        if keep_ratio is None:
+            raise ValueError("keep_ratio must be in (0, 1], got None")
+        n = adapter.num_layers
+        if isinstance(start_layer, bool) or not isinstance(start_layer, int):
+            raise TypeError(f"start_layer must be an int, got {type(start_layer).__name__}")
+        if not 0 <= start_layer < n:
+            raise ValueError(f"start_layer must be in [0, {n - 1}] for this {n}-layer model, got {start_layer}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        self.adapter = adapter
+        self.keep_ratio = float(keep_ratio)
+        self.start_layer = start_layer
+        layers = list(range(start_layer, n))
+        if selector is None:
+            self.rank = rank or adapter.default_alvts_rank()
+            self.selector = LowRankSelector.from_svd(adapter, self.rank, layers)
+            self.selector_source = "svd"
+        else:
+            if isinstance(selector, LowRankSelector):
+                sel = selector
+            elif isinstance(selector, (str, os.PathLike)):
+                sel, _ = LowRankSelector.load(selector)
+            else:
+                raise TypeError(f"selector must be a path, a LowRankSelector or None, got {type(selector).__name__}")
+            sel.check_compatible(adapter)
+            if rank is not None and rank != sel.rank:
+                raise ValueError(f"rank={rank} but the selector was calibrated at rank {sel.rank}")
+            missing = [l for l in layers if not sel.has(l)]
+            if missing:
+                raise ValueError(f"the ALVTS selector has no factors for layers {missing}")
+            self.selector, self.rank = sel, sel.rank
+            self.selector_source = os.fspath(selector) if not isinstance(selector, LowRankSelector) else "module"
+        param = next(adapter.model.parameters())
+        self.selector.to(device=param.device, dtype=param.dtype)
+        self.last_processed: list[torch.Tensor] = []
+
+    def vision_layers(self) -> list[int]:
+        return []
+
+    def options(self) -> dict:
+        return dict(keep_ratio=self.keep_ratio, rank=self.rank, start_layer=self.start_layer,
+                    selector=self.selector_source)
+
+    def prefill(self, rt, lm, batch, cache, use_cache, kwargs) -> PrefillResult:
+        adapter = rt.adapter
+        sizes = rt.ctx.image_sizes
+        if sizes is None:
+            from .fastv import image_sizes_from_runs
+            sizes = image_sizes_from_runs(batch.visual, None)
+        layers = lm.layers
+        full_valid = batch.valid
+        hidden = batch.hidden
+        cos, sin = adapter.rotary(hidden, batch.pos)
+        full_mask = causal_mask(lm.config, hidden, batch.mask2d)
+        layer_masks, processed = [], []
+        # [layers] of [B, S] bool: the prompt tokens each layer processed (for stats, plots, tests).
+        self.last_processed = []
+        for i, layer in enumerate(layers):
+            if i < self.start_layer:
+                self.last_processed.append(full_valid.clone())
+                hidden = layer(hidden, attention_mask=full_mask, position_embeddings=(cos, sin),
+                               position_ids=batch.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
+                layer_masks.append(full_valid.long())
+                processed.append(batch.visual.sum(1))
+                continue
+            q, k = self.selector.qk(adapter, i, hidden, cos, sin)
+            scores = selection_scores(q, k, full_valid, batch.visual)
+            sel = topk_per_image(scores, batch.visual, sizes, self.keep_ratio)
+            keep = full_valid & (~batch.visual | sel)
+            self.last_processed.append(keep)
+            batch.hidden = hidden
+            sub, _ = compact_batch(batch, keep, [])
+            mask2d = sub.mask2d if not bool(sub.mask2d.bool().all()) else None
+            mask = causal_mask(lm.config, sub.hidden, mask2d)
+            scos, ssin = adapter.rotary(sub.hidden, sub.pos)
+            out = layer(sub.hidden, attention_mask=mask, position_embeddings=(scos, ssin), position_ids=sub.text_pos,
+                        past_key_values=cache, use_cache=use_cache, **kwargs)
+            hidden = scatter_rows(hidden, out, sub.index)
+            layer_masks.append(sub.valid.long())
+            processed.append(sel.sum(1))
+        batch.hidden = hidden
+        per_layer = torch.stack(processed, 1).tolist()  # [B, layers]
+        stats = []
+        for b in range(hidden.shape[0]):
+            n = int(batch.visual[b].sum())
+            stats.append({"prompt_len": int(full_valid[b].sum()), "visual_tokens": n, "kept_tokens": n,
+                          "keep_ratio": 1.0, "visual_processed": per_layer[b],
+                          "processed_ratio": [p / n if n else 1.0 for p in per_layer[b]]})
+        return PrefillResult(hidden, batch, stats, layer_masks)
