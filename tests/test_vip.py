@@ -15,7 +15,9 @@ from token_prune.vip import (
     VIP,
     apply_rope,
     cu_seqlens_from_grid,
+    positions_from_grid,
     rope_2d_cos_sin,
+    rope_2d_cos_sin_from_positions,
 )
 
 
@@ -99,8 +101,14 @@ def ref_rmsnorm(x, w, eps):
     return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
 
 
-def ref_vip(sd, cfg, attn, conds, grid):
-    """Independent float64 VIP: explicit loops over images and heads."""
+def ref_vip(sd, cfg, attn, conds, grid, positions=None):
+    """Independent float64 VIP: explicit loops over images and heads.
+
+    ``positions`` (optional): a list per image of its tokens' (row, col); then ``grid`` is ignored
+    and each image is one attention segment of that many tokens.
+    """
+    if positions is None:
+        positions = [[(r, c) for r in range(h) for c in range(w)] for h, w in grid.tolist()]
     p = {k: v.double() for k, v in sd.items()}
     lin = lambda x, name, bias=True: x @ p[name + ".weight"].T + (p[name + ".bias"] if bias else 0)
     d = cfg.qk_head_dim
@@ -108,13 +116,12 @@ def ref_vip(sd, cfg, attn, conds, grid):
     # RoPE tables from an explicit (row, col) loop.
     inv = [1.0 / cfg.rope_theta ** (2 * j / (d // 2)) for j in range(d // 4)]
     cos_rows, sin_rows = [], []
-    for h, w in grid.tolist():
-        for r in range(h):
-            for c in range(w):
-                ang = [r * f for f in inv] + [c * f for f in inv]
-                ang = ang + ang
-                cos_rows.append([math.cos(a) for a in ang])
-                sin_rows.append([math.sin(a) for a in ang])
+    for image in positions:
+        for r, c in image:
+            ang = [r * f for f in inv] + [c * f for f in inv]
+            ang = ang + ang
+            cos_rows.append([math.cos(a) for a in ang])
+            sin_rows.append([math.sin(a) for a in ang])
     cos = torch.tensor(cos_rows, dtype=torch.float64)
     sin = torch.tensor(sin_rows, dtype=torch.float64)
 
@@ -133,8 +140,8 @@ def ref_vip(sd, cfg, attn, conds, grid):
         v_all = lin(hn, pre + "attn.v_proj", bias=False)
         out = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float64)
         start = 0
-        for h, w in grid.tolist():
-            sl = slice(start, start + h * w)
+        for image in positions:
+            sl = slice(start, start + len(image))
             cos_img, sin_img = cos[sl], sin[sl]
             for head in range(cfg.num_heads):
                 q = rope(q_all[sl, head * d:(head + 1) * d])
@@ -142,7 +149,7 @@ def ref_vip(sd, cfg, attn, conds, grid):
                 v = v_all[sl, head * dv:(head + 1) * dv]
                 a = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
                 out[sl, head * dv:(head + 1) * dv] = a @ v
-            start += h * w
+            start += len(image)
         x = x + lin(out, pre + "attn.o_proj", bias=False)
         hn = ref_rmsnorm(x, p[pre + "norm2.weight"], cfg.norm_eps)
         gate = lin(hn, pre + "mlp.gate_proj")
@@ -215,6 +222,89 @@ def test_vip_input_validation():
         vip(attn, [conds[0], conds[1][:, :-1], conds[2]], grid)
     empty = vip(attn[:0], [c[:0] for c in conds], torch.zeros(0, 2, dtype=torch.long))
     assert empty.shape == (0,)
+
+
+# ---------------------------------------------------------------- explicit positions
+
+
+def test_rope_from_positions_equals_grid_tables():
+    grid = torch.tensor([[2, 3], [4, 1], [1, 5]])
+    pos = positions_from_grid(grid)
+    assert pos.dtype == torch.long and pos.shape == (15, 2)
+    assert pos[:6].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert pos[6:10].tolist() == [[0, 0], [1, 0], [2, 0], [3, 0]]
+    for dtype in (torch.float32, torch.float64):
+        c1, s1 = rope_2d_cos_sin(grid, 12, dtype=dtype)
+        c2, s2 = rope_2d_cos_sin_from_positions(pos, 12, dtype=dtype)
+        assert torch.equal(c1, c2) and torch.equal(s1, s2)
+    # A token's table depends only on its own (row, col).
+    c, s = rope_2d_cos_sin_from_positions(torch.tensor([[3, 7], [0, 0], [3, 7]]), 8, theta=100.0,
+                                          dtype=torch.float64)
+    assert torch.equal(c[0], c[2]) and torch.equal(c[1], torch.ones(8, dtype=torch.float64))
+    expect = torch.tensor([3.0, 0.3, 7.0, 0.7] * 2, dtype=torch.float64)  # inv_freq [1, 1/10]
+    torch.testing.assert_close(c[0], expect.cos(), rtol=0, atol=1e-15)
+    torch.testing.assert_close(s[0], expect.sin(), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("grid", [[[3, 4]], [[2, 3], [4, 2], [1, 1]], [[2, 2], [2, 2]]])
+def test_vip_positions_from_grid_equal_grid_path(grid):
+    cfg = small_config()
+    vip = perturb_(GlimpseModules.random(cfg, seed=6)).vip
+    attn, conds, grid_t = inputs(cfg, grid, seed=7)
+    by_grid = vip(attn, conds, grid_t)
+    lengths = (grid_t[:, 0] * grid_t[:, 1]).tolist()
+    by_pos = vip(attn, conds, positions=positions_from_grid(grid_t), lengths=lengths)
+    assert torch.equal(by_grid, by_pos)
+    # lengths may be a tensor too
+    assert torch.equal(vip(attn, conds, positions=positions_from_grid(grid_t), lengths=torch.tensor(lengths)), by_grid)
+
+
+def test_vip_positions_path_matches_reference_on_a_nonrectangular_layout():
+    """A LLaVA-NeXT-like image (a 2x2 base grid, then a 2-row grid of 3 columns + a newline column)
+    and a plain 3x3 image: each image is one attention segment, RoPE from the given positions."""
+    cfg = small_config()
+    mods = perturb_(GlimpseModules.random(cfg, seed=8))
+    image1 = [(r, c) for r in range(2) for c in range(2)] + [(r, c) for r in range(2) for c in range(4)]
+    image2 = [(r, c) for r in range(3) for c in range(3)]
+    positions = torch.tensor(image1 + image2)
+    lengths = [len(image1), len(image2)]
+    g = torch.Generator().manual_seed(9)
+    n = positions.shape[0]
+    attn = torch.randn(n, cfg.llm_num_heads, generator=g, dtype=torch.float64)
+    conds = [torch.randn(n, cfg.vision_width, generator=g, dtype=torch.float64) for _ in cfg.vision_layers]
+    ref = ref_vip(mods.vip.state_dict(), cfg, attn, conds, None, positions=[image1, image2])
+    out = mods.vip.double()(attn, conds, positions=positions, lengths=lengths)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    # Confined per image: the second image alone gives the same logits.
+    alone = mods.vip(attn[12:], [c[12:] for c in conds], positions=positions[12:], lengths=[9])
+    torch.testing.assert_close(alone, out[12:], rtol=1e-12, atol=1e-12)
+
+
+def test_vip_positions_input_validation():
+    cfg = small_config()
+    vip = GlimpseModules.random(cfg, seed=0).vip
+    attn, conds, grid = inputs(cfg, [[2, 2]])
+    pos = positions_from_grid(grid)
+    with pytest.raises(ValueError, match="not both"):
+        vip(attn, conds, grid, positions=pos, lengths=[4])
+    with pytest.raises(ValueError, match="needs lengths"):
+        vip(attn, conds, positions=pos)
+    with pytest.raises(ValueError, match="only used together"):
+        vip(attn, conds, grid, lengths=[4])
+    with pytest.raises(ValueError, match="grid_hw, or positions"):
+        vip(attn, conds)
+    with pytest.raises(ValueError, match="sum to 3"):
+        vip(attn, conds, positions=pos, lengths=[3])
+    with pytest.raises(ValueError, match=">= 1"):
+        vip(attn, conds, positions=pos, lengths=[4, 0])
+    with pytest.raises(ValueError, match="non-negative"):
+        vip(attn, conds, positions=pos - 1, lengths=[4])
+    with pytest.raises(ValueError, match="integer"):
+        vip(attn, conds, positions=pos.float(), lengths=[4])
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        vip(attn, conds, positions=pos[:, :1], lengths=[4])
+    with pytest.raises(ValueError, match="gives 3 tokens"):
+        vip(attn, conds, positions=pos[:3], lengths=[3])
 
 
 def test_vip_bfloat16_close_to_float32():

@@ -77,7 +77,8 @@ def patch(model, method: str = "glimpse", **options) -> PatchHandle:
     """Install a pruning method on ``model`` (this instance only).
 
     Args:
-        model: a Hugging Face ``Qwen2_5_VLForConditionalGeneration`` (more to come).
+        model: a Hugging Face ``Qwen2_5_VLForConditionalGeneration``, ``LlavaForConditionalGeneration``
+            (LLaVA-1.5) or ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT).
         method: ``"glimpse"``.
         **options: the method's options (see :class:`token_prune.methods.glimpse.GlimpsePrune`).
 

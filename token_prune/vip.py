@@ -38,6 +38,8 @@ __all__ = [
     "GlimpseEmbedding",
     "GlimpseModules",
     "rope_2d_cos_sin",
+    "rope_2d_cos_sin_from_positions",
+    "positions_from_grid",
     "apply_rope",
     "cu_seqlens_from_grid",
     "FORMAT_NAME",
@@ -268,18 +270,78 @@ def rope_2d_cos_sin(
         raise ValueError(f"rope_2d_cos_sin: head_dim must be divisible by 4, got {head_dim}")
     if device is None:
         device = grid_hw.device if isinstance(grid_hw, torch.Tensor) else "cpu"
-    grid = _grid_list(grid_hw)
-    half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=dtype, device=device) / half))
+    return _rope_2d_tables(positions_from_grid(grid_hw, device=device), head_dim, theta, device, dtype)
+
+
+def positions_from_grid(
+    grid_hw: Union[torch.Tensor, Sequence[Sequence[int]]],
+    device: Optional[Union[torch.device, str]] = None,
+) -> torch.Tensor:
+    """Per-token (row, col) of images laid out as full row-major grids.
+
+    Args:
+        grid_hw: int [n_images, 2], (rows, cols) per image.
+        device: where to build the result (default: grid_hw's device, else CPU).
+    Returns:
+        int64 [N, 2], N = sum(rows * cols): each image's tokens row-major,
+        numbered from (0, 0) on its own grid, images one after another.
+    """
+    if device is None:
+        device = grid_hw.device if isinstance(grid_hw, torch.Tensor) else "cpu"
     rows, cols = [], []
-    for h, w in grid:
+    for h, w in _grid_list(grid_hw):
         rows.append(torch.arange(h, device=device).repeat_interleave(w))
         cols.append(torch.arange(w, device=device).repeat(h))
-    if rows:
-        row = torch.cat(rows).to(dtype)
-        col = torch.cat(cols).to(dtype)
-    else:
-        row = col = torch.zeros(0, dtype=dtype, device=device)
+    if not rows:
+        return torch.zeros(0, 2, dtype=torch.long, device=device)
+    return torch.stack([torch.cat(rows), torch.cat(cols)], dim=-1)
+
+
+def rope_2d_cos_sin_from_positions(
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float = 10000.0,
+    device: Optional[Union[torch.device, str]] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of the VIP's 2D RoPE for explicit per-token positions.
+
+    Same tables as :func:`rope_2d_cos_sin`, but each token's (row, col) is
+    given instead of derived from a full grid, for images whose tokens are
+    not one row-major grid (LLaVA-NeXT: a base grid, then an unpadded
+    high-res grid with a newline token after each row).
+
+    Args:
+        positions: int [N, 2], (row, col) of each token, >= 0.
+        head_dim, theta, device, dtype: as in :func:`rope_2d_cos_sin`
+            (device defaults to positions' device).
+    Returns:
+        (cos, sin), each [N, head_dim] in ``dtype``.
+    """
+    if head_dim % 4:
+        raise ValueError(f"rope_2d_cos_sin_from_positions: head_dim must be divisible by 4, got {head_dim}")
+    _check_positions(positions)
+    if device is None:
+        device = positions.device
+    return _rope_2d_tables(positions.to(device), head_dim, theta, device, dtype)
+
+
+def _check_positions(positions: torch.Tensor) -> None:
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] != 2:
+        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise ValueError(f"positions must be a tensor of shape [N, 2] (row, col), got {shape}")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be an integer tensor, got {positions.dtype}")
+    if positions.numel() and bool((positions < 0).any()):
+        raise ValueError("positions must be non-negative")
+
+
+def _rope_2d_tables(positions: torch.Tensor, head_dim: int, theta: float, device,
+                    dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=dtype, device=device) / half))
+    row = positions[:, 0].to(dtype)
+    col = positions[:, 1].to(dtype)
     angles = torch.cat([row[:, None] * inv_freq, col[:, None] * inv_freq], dim=-1)
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos(), emb.sin()
@@ -429,8 +491,16 @@ class VIP(nn.Module):
         return self.attn_in_proj.weight.dtype
 
     def forward(self, attn_map: torch.Tensor, conditions: Sequence[torch.Tensor],
-                grid_hw: torch.Tensor) -> torch.Tensor:
+                grid_hw: Optional[torch.Tensor] = None, *,
+                positions: Optional[torch.Tensor] = None,
+                lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Keep logits for every visual token.
+
+        Token layout: either ``grid_hw`` (each image one full row-major grid)
+        or ``positions`` + ``lengths`` (explicit per-token 2D positions, for
+        images whose tokens are not one grid, e.g. LLaVA-NeXT's base grid +
+        unpadded high-res grid + newline tokens). Both give the same logits
+        when the positions are those of the grids.
 
         Args:
             attn_map: [N, llm_num_heads], glimpse attention map of all images
@@ -439,13 +509,37 @@ class VIP(nn.Module):
                 shallow; the m-th feeds block m.
             grid_hw: int [n_images, 2], (rows, cols) of each image's token
                 grid; sum(rows * cols) must equal N.
+            positions: int [N, 2], (row, col) of each token (RoPE input);
+                keyword only, with ``lengths`` and without ``grid_hw``.
+            lengths: tokens of each image (each >= 1, summing to N); each
+                image is one bidirectional attention segment.
         Returns:
             [N] logits, float32 (float64 if the module is float64). Inputs are
             cast to the parameters' dtype; RoPE and norms run in float32.
         """
         cfg = self.config
-        grid = _grid_list(grid_hw)
-        lengths = [h * w for h, w in grid]
+        if positions is None:
+            if lengths is not None:
+                raise ValueError("VIP: lengths is only used together with positions")
+            if grid_hw is None:
+                raise ValueError("VIP: pass grid_hw, or positions and lengths")
+            grid = _grid_list(grid_hw)
+            lengths = [h * w for h, w in grid]
+            layout = f"grid_hw {grid}"
+        else:
+            if grid_hw is not None:
+                raise ValueError("VIP: pass either grid_hw or positions + lengths, not both")
+            if lengths is None:
+                raise ValueError("VIP: positions needs lengths (tokens per image)")
+            _check_positions(positions)
+            lengths = [int(m) for m in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+            if any(m < 1 for m in lengths):
+                raise ValueError(f"VIP: lengths must be >= 1, got {lengths}")
+            if sum(lengths) != positions.shape[0]:
+                raise ValueError(
+                    f"VIP: lengths {lengths} sum to {sum(lengths)} but positions has "
+                    f"{positions.shape[0]} rows")
+            layout = f"lengths {lengths}"
         n = sum(lengths)
         if attn_map.dim() != 2 or attn_map.shape[1] != cfg.llm_num_heads:
             raise ValueError(
@@ -453,7 +547,7 @@ class VIP(nn.Module):
                 f"got {tuple(attn_map.shape)}")
         if attn_map.shape[0] != n:
             raise ValueError(
-                f"VIP: attn_map has {attn_map.shape[0]} rows but grid_hw {grid} "
+                f"VIP: attn_map has {attn_map.shape[0]} rows but {layout} "
                 f"gives {n} tokens")
         if len(conditions) != cfg.num_conditions:
             raise ValueError(
@@ -469,8 +563,13 @@ class VIP(nn.Module):
         out_dtype = torch.promote_types(dtype, torch.float32)
         if n == 0:
             return torch.zeros(0, dtype=out_dtype, device=device)
-        cos, sin = rope_2d_cos_sin(grid, cfg.qk_head_dim, cfg.rope_theta,
-                                   device=device, dtype=out_dtype)
+        if positions is None:
+            cos, sin = rope_2d_cos_sin(grid, cfg.qk_head_dim, cfg.rope_theta,
+                                       device=device, dtype=out_dtype)
+        else:
+            # (positions were validated above)
+            cos, sin = _rope_2d_tables(positions.to(device), cfg.qk_head_dim, cfg.rope_theta,
+                                       device, out_dtype)
         x = self.attn_in_proj(attn_map.to(device=device, dtype=dtype))
         for block, proj, v_m in zip(self.layers, self.cond_in_projs, conditions):
             cond = proj(v_m.to(device=device, dtype=dtype))

@@ -185,14 +185,18 @@ class GlimpsePrune:
         attn_map = scores[:, :, 0, :S].transpose(1, 2)[batch.visual]  # [N, heads]
 
         # 3. VIP logits and the keep rule, per image.
-        grids = ctx.image_grids.to(dev)
-        sizes = (grids[:, 0] * grids[:, 1]).tolist()
+        layout = ctx.image_grids  # grids [n_images, 2], or (positions [N, 2], tokens per image)
+        if isinstance(layout, torch.Tensor):
+            sizes, where = (layout[:, 0] * layout[:, 1]).tolist(), dict(grid_hw=layout.to(dev))
+        else:
+            sizes = [int(n) for n in layout[1]]
+            where = dict(positions=layout[0].to(dev), lengths=sizes)
         n_vis = int(batch.visual.sum())
         if sum(sizes) != n_vis:
             raise RuntimeError(f"token_prune: {n_vis} image tokens in the prompt but the image grids give {sum(sizes)}")
         wdtype = next(mods.parameters()).dtype
         conds = [c.to(wdtype) for c in ctx.vision_features]
-        logits = mods.vip(attn_map.to(wdtype), conds, grids)
+        logits = mods.vip(attn_map.to(wdtype), conds, **where)
         keep_vis = keep_mask_from_scores(
             logits, sizes, threshold=self.threshold, max_keep_ratio=self.max_keep_ratio,
             min_keep=self.min_keep, keep_ratio=self.keep_ratio,

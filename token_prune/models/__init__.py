@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from .base import ModelAdapter, Runtime
+from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     Qwen2_5_VLAdapter.model_type: Qwen2_5_VLAdapter,
+    LlavaAdapter.model_type: LlavaAdapter,
+    LlavaNextAdapter.model_type: LlavaNextAdapter,
 }
 
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's main job: install what is needed (on a fresh machine too) and prune a tiny
+# built-in model built from a config (random weights, no download). Arguments go to
+# `token-prune demo`, e.g. `bash scripts/demo.sh --method alvts --keep-ratio 0.2`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-python}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! "$PYTHON" -c 'import torch' > /dev/null 2>&1; then
+  echo "demo.sh: torch is missing; installing torch==2.13.0"
+  "$PYTHON" -m pip install -q torch==2.13.0
+fi
+"$PYTHON" -m pip install -q "setuptools>=64" wheel ninja "transformers>=5.17" safetensors tqdm numpy matplotlib
+"$PYTHON" -m pip install -q --no-build-isolation -e .
+exec "$PYTHON" -m token_prune demo "$@"

@@ -1,0 +1,309 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT (``LlavaNextForConditionalGeneration``):
+a CLIP vision tower, a two-layer projector and a Llama-style decoder with 1D RoPE.
+
+Vision conditions
+-----------------
+The VIP's conditions are CLIP hidden states with the CLS token dropped, as in the public
+GlimpsePrune LLaVA code, which reads ``vision_tower(..., output_hidden_states=True)
+.hidden_states[i][:, 1:]`` for ``i`` in ``selected_visual_layers`` (23, 17, 11, 5 for the 24-layer
+CLIP-L/336). So ``vision_layers`` index CLIP's ``hidden_states``: 0 is the embeddings (after the
+pre-layernorm), ``i >= 1`` the output of encoder layer ``i - 1``; a ``d``-layer CLIP has ``d + 1``
+valid indices. Forward hooks on the encoder layers capture exactly those tensors during every call
+of ``get_image_features`` (which ``generate`` in transformers 5.2x calls before the first forward).
+
+Token layouts
+-------------
+* LLaVA-1.5: every image is one ``side x side`` grid (24 x 24 = 576 tokens for CLIP-L/336), its
+  tokens row-major in the prompt; images in prompt order. Layout: a grid tensor ``[n_images, 2]``.
+* LLaVA-NeXT (anyres): an image's tokens are the base tile's ``side x side`` grid, then the
+  high-res tiles stitched into one ``(rows_tiles * side) x (cols_tiles * side)`` grid, unpadded
+  (rows or columns that only cover the letterbox padding removed, as ``unpad_image`` does), with an
+  ``image_newline`` token after each of its rows. The captured CLIP features are arranged into
+  exactly that order. A newline token has no CLIP feature; its condition is a **zero vector**: a
+  fixed, content-free marker that no real CLIP hidden state is close to (they are un-normalised
+  residual-stream states), so a VIP can tell newlines apart, and it does not smear one row's
+  content onto a token that carries none. Layout: ``(positions [N, 2], lengths)`` where each
+  token's (row, col) is its position on its own grid (base: on the base grid; high-res: on the
+  unpadded high-res grid, counting from 0; newline: ``(row, cols)``, one past its row's last
+  column), and each image (base + high-res + newlines) is one VIP attention segment.
+
+Only the ``"default"`` feature-select strategy (CLS dropped, as in every released LLaVA-1.5 /
+LLaVA-NeXT checkpoint) is supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+
+from .base import ModelAdapter
+
+
+class _AttributeRestore:
+    """A hook-like handle that puts back an instance attribute we replaced."""
+
+    def __init__(self, obj, name: str):
+        self.obj = obj
+        self.name = name
+        self.had = name in obj.__dict__
+        self.prev = obj.__dict__.get(name)
+
+    def remove(self) -> None:
+        if self.obj is None:
+            return
+        if self.had:
+            self.obj.__dict__[self.name] = self.prev
+        else:
+            self.obj.__dict__.pop(self.name, None)
+        self.obj = None
+
+
+def anyres_tiles(image_size, grid_pinpoints, tile_size: int) -> tuple[int, int]:
+    """(rows, cols) of high-res tiles LLaVA-NeXT cuts an image of ``image_size`` (height, width) into."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, width = select_best_resolution([int(image_size[0]), int(image_size[1])], grid_pinpoints)
+    return height // tile_size, width // tile_size
+
+
+def unpad_window(image_size, grid_h: int, grid_w: int) -> tuple[int, int, int, int]:
+    """Rows [r0, r1) and columns [c0, c1) of a ``grid_h x grid_w`` high-res token grid that cover the
+    image itself rather than the letterbox padding around it (LLaVA-NeXT's unpadding)."""
+    orig_h, orig_w = int(image_size[0]), int(image_size[1])
+    if orig_w / orig_h > grid_w / grid_h:
+        new_h = int(round(orig_h * (grid_w / orig_w), 7))
+        pad = (grid_h - new_h) // 2
+        return pad, grid_h - pad, 0, grid_w
+    new_w = int(round(orig_w * (grid_h / orig_h), 7))
+    pad = (grid_w - new_w) // 2
+    return 0, grid_h, pad, grid_w - pad
+
+
+class LlavaAdapter(ModelAdapter):
+    model_type = "llava"
+    # Public GlimpsePrune settings: LLaVA-1.5-7B K=21 of 32, 13B K=26 of 40 (0-indexed).
+    glimpse_layers = {32: 21, 40: 26}
+    glimpse_score = "log_softmax"
+
+    def __init__(self, model):
+        super().__init__(model)
+        tower = model.model.vision_tower
+        if not hasattr(getattr(tower, "vision_model", tower), "encoder"):
+            raise NotImplementedError(
+                f"token_prune: {self.model_type} with a {type(tower).__name__} vision tower is not supported "
+                "(a CLIP-style tower with encoder.layers is expected)"
+            )
+        strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise NotImplementedError(
+                f"token_prune: {self.model_type} with vision_feature_select_strategy={strategy!r} is not supported "
+                "(only 'default', which drops CLIP's CLS token, as released LLaVA checkpoints do)"
+            )
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def outer(self):
+        return self.model.model
+
+    @property
+    def lm(self):
+        return self.model.model.language_model
+
+    @property
+    def vision_tower(self):
+        return self.model.model.vision_tower
+
+    def clip_layers(self) -> torch.nn.ModuleList:
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    @property
+    def tokens_per_side(self) -> int:
+        vc = self.model.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    # -- numerics --------------------------------------------------------------------------
+    def rotary(self, hidden, pos):
+        return self.lm.rotary_emb(hidden, pos[0])
+
+    def split_positions(self, position_ids, batch, seq, device):
+        # HF's Llama uses arange(S) (past length 0) when no positions are given, ignoring padding.
+        if position_ids is None:
+            return torch.arange(seq, device=device).view(1, 1, -1).expand(1, batch, -1), None
+        if position_ids.ndim == 1:
+            return position_ids.view(1, 1, -1).expand(1, batch, -1), None
+        if position_ids.ndim == 2:
+            return position_ids.expand(batch, -1)[None], None
+        if position_ids.ndim == 3 and position_ids.shape[0] == 1:
+            return position_ids.expand(1, batch, -1), None
+        raise ValueError(f"token_prune: {self.model_type} expects 1D rotary positions [B, S], got {tuple(position_ids.shape)}")
+
+    def decode_positions(self, runtime, kwargs):
+        # HF's Llama numbers tokens from the cache length when no positions are given (mask or not);
+        # pruning shrank the cache, so continue the unpruned numbering instead.
+        cache = kwargs.get("past_key_values")
+        ids = kwargs.get("input_ids")
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        b, q = ref.shape[:2]
+        st = runtime.pruned
+        generated = cache.layers[0].get_seq_length() - st.layer_masks[0].shape[1]
+        start = st.prompt_len + generated
+        return torch.arange(start, start + q, device=ref.device).view(1, -1).expand(b, -1)
+
+    # -- vision side -----------------------------------------------------------------------
+    def vision_width(self):
+        return self.model.config.vision_config.hidden_size
+
+    def vision_depth(self):
+        # vision_layers index CLIP's hidden_states: embeddings + one per encoder layer.
+        return self.model.config.vision_config.num_hidden_layers + 1
+
+    def default_vision_layers(self):
+        """hidden_states indices 23, 17, 11, 5 for a 24-layer CLIP; the same spread for other depths."""
+        d = self.model.config.vision_config.num_hidden_layers
+        return [max(0, d * (4 - i) // 4 - 1) for i in range(4)]
+
+    def arrange(self, hidden: torch.Tensor, call_args: dict) -> torch.Tensor:
+        """CLIP hidden states [n_tiles, 1 + side^2, C] of one ``get_image_features`` call ->
+        [N, C] in the order of the image tokens in the prompt."""
+        return hidden[:, 1:].reshape(-1, hidden.shape[-1])
+
+    def layout(self, n_tiles: int, call_args: dict):
+        side = self.tokens_per_side
+        return torch.tensor([[side, side]], dtype=torch.long).expand(n_tiles, 2).clone()
+
+    def install_vision_hooks(self, runtime, layers):
+        clip = self.clip_layers()
+        depth = len(clip)
+        for v in layers:
+            if not 0 <= v <= depth:
+                raise ValueError(f"vision layer {v} outside CLIP's hidden_states (0..{depth}, 0 = embeddings)")
+        active = [False]
+        captured: dict[int, torch.Tensor] = {}
+        tiles = [None]  # tiles the tower encoded in the current call (None: it did not run)
+        hooks = []
+
+        def output_hook(idx):
+            def hook(module, args, output):
+                if active[0]:
+                    captured[idx] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        def input_hook(module, args, kwargs):
+            if active[0]:
+                h = args[0] if args else kwargs["hidden_states"]
+                tiles[0] = h.shape[0]
+                if 0 in layers:
+                    captured[0] = h
+
+        # Always hooked: it also counts the tiles, for methods that need only the layout.
+        hooks.append(clip[0].register_forward_pre_hook(input_hook, with_kwargs=True))
+        for v in sorted(set(layers) - {0}):
+            hooks.append(clip[v - 1].register_forward_hook(output_hook(v)))
+
+        outer = self.outer
+        orig = outer.get_image_features
+        sig = inspect.signature(orig)
+        rt_ref = weakref.ref(runtime)
+        adapter = self
+
+        def get_image_features(*args, **kwargs):
+            rt = rt_ref()
+            if rt is None:
+                return orig(*args, **kwargs)
+            bound = sig.bind_partial(*args, **kwargs)
+            call_args = dict(bound.arguments)
+            call_args.update(call_args.pop("kwargs", {}) or {})
+            strategy = call_args.get("vision_feature_select_strategy")
+            if strategy is not None and strategy != "default":
+                raise NotImplementedError(
+                    f"token_prune: vision_feature_select_strategy={strategy!r} is not supported (only 'default')")
+            captured.clear()
+            tiles[0] = None
+            active[0] = True
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                active[0] = False
+            if tiles[0] is not None and all(v in captured for v in layers):
+                feats = [adapter.arrange(captured[v], call_args) for v in layers]
+                rt.add_vision_capture(feats, adapter.layout(tiles[0], call_args))
+            captured.clear()
+            return out
+
+        get_image_features.__wrapped__ = orig
+        get_image_features.__signature__ = sig
+        hooks.append(_AttributeRestore(outer, "get_image_features"))
+        outer.get_image_features = get_image_features
+        return hooks
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    model_type = "llava_next"
+
+    def _image_plan(self, call_args: dict) -> list[dict]:
+        """Per image: its tile counts and unpadding window, from ``image_sizes`` and the config."""
+        cfg = self.model.config
+        sizes = call_args.get("image_sizes")
+        if sizes is None:
+            raise ValueError("token_prune: LLaVA-NeXT needs image_sizes to lay out the image tokens")
+        sizes = torch.as_tensor(sizes).tolist()
+        tile = cfg.vision_config.image_size
+        side = self.tokens_per_side
+        plan = []
+        for size in sizes:
+            rows, cols = anyres_tiles(size, cfg.image_grid_pinpoints, tile)
+            r0, r1, c0, c1 = unpad_window(size, rows * side, cols * side)
+            plan.append(dict(rows=rows, cols=cols, window=(r0, r1, c0, c1)))
+        return plan
+
+    def arrange(self, hidden, call_args):
+        side = self.tokens_per_side
+        feats = hidden[:, 1:]  # [tiles of all images, side^2, C]
+        C = feats.shape[-1]
+        out, start = [], 0
+        for p in self._image_plan(call_args):
+            n = 1 + p["rows"] * p["cols"]
+            tiles = feats[start:start + n]
+            start += n
+            out.append(tiles[0])  # the base (whole-image) tile, row-major
+            if n == 1:
+                out.append(tiles.new_zeros(1, C))
+                continue
+            grid = tiles[1:].view(p["rows"], p["cols"], side, side, C).permute(0, 2, 1, 3, 4)
+            grid = grid.reshape(p["rows"] * side, p["cols"] * side, C)
+            r0, r1, c0, c1 = p["window"]
+            grid = grid[r0:r1, c0:c1]
+            newline = grid.new_zeros(grid.shape[0], 1, C)  # no CLIP feature: a zero condition
+            out.append(torch.cat([grid, newline], 1).reshape(-1, C))
+        if start != feats.shape[0]:
+            raise RuntimeError(
+                f"token_prune: the vision tower saw {feats.shape[0]} tiles but image_sizes imply {start}")
+        return torch.cat(out)
+
+    def layout(self, n_tiles, call_args):
+        side = self.tokens_per_side
+        base_r = torch.arange(side).repeat_interleave(side)
+        base_c = torch.arange(side).repeat(side)
+        pos, lengths = [], []
+        for p in self._image_plan(call_args):
+            pos.append(torch.stack([base_r, base_c], 1))
+            n = side * side
+            if p["rows"] * p["cols"] == 0:
+                pos.append(torch.tensor([[side - 1, side]]))
+                n += 1
+            else:
+                r0, r1, c0, c1 = p["window"]
+                h, w = r1 - r0, c1 - c0
+                # w + 1 columns per row: the last is the newline token, at column w.
+                rr = torch.arange(h).repeat_interleave(w + 1)
+                cc = torch.arange(w + 1).repeat(h)
+                pos.append(torch.stack([rr, cc], 1))
+                n += h * (w + 1)
+            lengths.append(n)
+        return torch.cat(pos).long(), lengths
+
+
+__all__ = ["LlavaAdapter", "LlavaNextAdapter", "anyres_tiles", "unpad_window"]
