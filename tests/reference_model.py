@@ -15,7 +15,8 @@ def _decoder_layers(model):
     return model.model.language_model.layers
 
 
-def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=None, decode_position=None):
+def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=None, decode_position=None,
+                    prefill_position=None):
     """Greedy decode of the unpatched ``model`` with layer-wise visibility rules.
 
     Args:
@@ -27,8 +28,11 @@ def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=N
             decoding.
         skip_rows: per decoder layer, [B, S] bool rows whose hidden state must pass through that
             layer unchanged during the prefill (ALVTS), or None.
-        decode_position: fn(mask [B, S+t]) -> position_ids for one new token; HF derives wrong
-            decode positions from a 2D mask outside generate, so the caller supplies them.
+        decode_position: fn(model, mask [B, S+t]) -> position_ids for one new token; HF derives
+            wrong decode positions from a 2D mask outside generate, so the caller supplies them.
+        prefill_position: fn(model, mask [B, S]) -> prompt position_ids as ``generate`` passes
+            them, or None to let the model derive them (HF's Llama ignores left padding then,
+            which would not match generate's numbering).
 
     Returns:
         (tokens [B, steps], logits of the first new token [B, vocab]).
@@ -54,7 +58,8 @@ def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=N
             m |= (kpos == qpos)[None]  # padding rows see themselves: no NaN rows
             impl = model.config._attn_implementation
             if impl == "eager":
-                m = torch.where(m, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+                zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+                m = torch.where(m, zero, torch.finfo(hidden.dtype).min)
             kwargs["attention_mask"] = m[:, None]
             return args, kwargs
 
@@ -71,7 +76,10 @@ def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=N
             hooks.append(layer.register_forward_hook(post, with_kwargs=True))
     try:
         with torch.no_grad():
-            out = model(**inputs, use_cache=True)
+            extra = {}
+            if prefill_position is not None:
+                extra["position_ids"] = prefill_position(model, inputs["attention_mask"])
+            out = model(**inputs, use_cache=True, **extra)
             cache = out.past_key_values
             first = out.logits[:, -1]
             tokens = [first.argmax(-1)]
@@ -93,6 +101,11 @@ def qwen_decode_position(model, mask):
     text = mask.sum(1, keepdim=True) - 1
     pos = (text + model.model.rope_deltas)[None].expand(3, -1, -1)
     return torch.cat([text[None], pos], 0)
+
+
+def llama_prefill_position(model, mask):
+    """Prompt positions [B, S] as generate numbers them: real tokens from 0, padding at 0."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def llama_decode_position(model, mask):

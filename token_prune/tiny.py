@@ -392,7 +392,14 @@ def select_sample(model, inputs: dict, b: int) -> dict:
             out["pixel_values"] = inputs["pixel_values"][p0:p0 + sum(patches[first:first + n])]
             out["image_grid_thw"] = inputs["image_grid_thw"][first:first + n]
     elif "pixel_values" in inputs:
-        raise NotImplementedError("select_sample: only Qwen2.5-VL inputs are supported")
+        # LLaVA / LLaVA-NeXT: one pixel_values (and image_sizes) row per image, in prompt order.
+        tok = model.config.image_token_id
+        counts = [_image_runs(row, tok) for row in inputs["input_ids"]]
+        first, n = sum(counts[:b]), counts[b]
+        if n:
+            for key in ("pixel_values", "image_sizes"):
+                if key in inputs:
+                    out[key] = inputs[key][first:first + n]
     return out
 
 

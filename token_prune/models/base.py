@@ -151,11 +151,15 @@ class Runtime:
     # -- install / remove ----------------------------------------------------------------
     def install(self) -> None:
         outer, lm = self.adapter.outer, self.adapter.lm
-        self._wrap(outer, self._outer_forward)
-        self._wrap(lm, self._lm_forward)
-        # Installed even when the method reads no features: the hooks also record each image's
-        # token grid, which per-image keep rules need.
-        self._hooks.extend(self.adapter.install_vision_hooks(self, self.method.vision_layers()))
+        try:
+            self._wrap(outer, self._outer_forward)
+            self._wrap(lm, self._lm_forward)
+            # Installed even when the method reads no features: the hooks also record each
+            # image's token grid, which per-image keep rules need.
+            self._hooks.extend(self.adapter.install_vision_hooks(self, self.method.vision_layers()))
+        except Exception:
+            self.remove()  # a failed patch leaves the model untouched
+            raise
 
     def _wrap(self, module: torch.nn.Module, fn) -> None:
         had = "forward" in module.__dict__
