@@ -19,9 +19,13 @@ def _demo(args) -> int:
     from token_prune import tiny
 
     torch.manual_seed(args.seed)
-    builders = {"qwen2_5_vl": (tiny.tiny_qwen2_5_vl, tiny.qwen_inputs, tiny.default_samples)}
-    extra = getattr(tiny, "DEMO_MODELS", {})
-    builders.update(extra)
+    llava_samples = lambda: [tiny.SampleSpec(images=((56, 56),)), tiny.SampleSpec(images=((56, 56),), prefix_len=6)]  # noqa: E731
+    next_samples = lambda: [tiny.SampleSpec(images=((112, 56),)), tiny.SampleSpec(images=((60, 90),), prefix_len=6)]  # noqa: E731
+    builders = {
+        "qwen2_5_vl": (tiny.tiny_qwen2_5_vl, tiny.qwen_inputs, tiny.default_samples),
+        "llava": (tiny.tiny_llava, tiny.llava_inputs, llava_samples),
+        "llava_next": (tiny.tiny_llava_next, tiny.llava_next_inputs, next_samples),
+    }
     if args.model not in builders:
         print(f"unknown demo model {args.model!r}; choose from {', '.join(sorted(builders))}", file=sys.stderr)
         return 2
@@ -52,13 +56,19 @@ def _demo(args) -> int:
     del full
 
     print(f"method={args.method} options={opts}" + ("  (untrained random VIP)" if args.vip is None and args.method == "glimpse" else ""))
-    header = f"{'sample':>6} {'visual':>7} {'kept':>6} {'kept %':>7} {'KV full':>8} {'KV pruned':>10}  generated (full | pruned)"
+    # ALVTS drops nothing from the residual stream: report what each layer processed instead.
+    kept_label = "processed" if args.method == "alvts" else "kept"
+    header = (f"{'sample':>6} {'visual':>7} {kept_label:>9} {'%':>6} {'KV full':>8} {'KV pruned (min-max/layer)':>26}"
+              "  generated (full | pruned)")
     print(header)
     print("-" * len(header))
     for b, s in enumerate(stats):
-        kv = s.get("kv_len", [None])[0]
-        print(f"{b:>6} {s['visual_tokens']:>7} {s['kept_tokens']:>6} {100 * s['keep_ratio']:>6.1f}% "
-              f"{full_kv[b]:>8} {kv:>10}  {ref[b].tolist()} | {out[b].tolist()}")
+        kv = s.get("kv_len") or [0]
+        n = s["visual_tokens"]
+        kept = sum(s["visual_processed"]) / len(s["visual_processed"]) if "visual_processed" in s else s["kept_tokens"]
+        pct = 100 * kept / n if n else 100.0
+        print(f"{b:>6} {n:>7} {kept:>9.4g} {pct:>5.1f}% {full_kv[b]:>8} {f'{min(kv)}-{max(kv)}':>26}"
+              f"  {ref[b].tolist()} | {out[b].tolist()}")
     per_layer = stats[0].get("kv_len", []) if stats else []
     if per_layer:
         print(f"sample 0 KV length per layer after prefill: {per_layer}")
@@ -72,7 +82,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="prune a tiny random-weight model built from a config (no download)")
-    demo.add_argument("--model", default="qwen2_5_vl")
+    demo.add_argument("--model", default="qwen2_5_vl", choices=["qwen2_5_vl", "llava", "llava_next"])
     demo.add_argument("--method", default="glimpse")
     demo.add_argument("--keep-ratio", type=float, default=None,
                       help="keep exactly this fraction of each image's tokens (default: threshold rule)")
