@@ -49,11 +49,18 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=[(m, d) for m in sorted(MODELS) for d in DEVICES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def family(request):
-    spec = MODELS[request.param]
-    model = spec["build"](torch.float64, 21)
-    return request.param, spec, model
+    """(name, spec, float64 model) on every available device: on a GPU the methods use the
+    CUDA kernels, and the same oracle checks them."""
+    name, device = request.param
+    spec = MODELS[name]
+    model = spec["build"](torch.float64, 21).to(device)
+    return name, spec, model
 
 
 def _inputs(spec, model, seed):
@@ -103,7 +110,7 @@ def test_fastv_scores_are_last_token_attention(family):
     """FastV keeps the visual tokens the last prompt token attends to most at layer K
     (read from the unpatched model's eager attention probabilities, head-averaged)."""
     name, spec, _ = family
-    model = spec["build"](torch.float64, 22, attn="eager")
+    model = spec["build"](torch.float64, 22, attn="eager").to(family[2].device)
     inputs = spec["inputs"](model, spec["samples"]()[:1], seed=3)
     with torch.no_grad():
         att = model(**inputs, output_attentions=True).attentions[2][0].mean(0)[-1]  # [S]
@@ -172,7 +179,7 @@ def test_alvts_score_matches_full_rank_oracle_at_full_rank(family):
     from token_prune.models import adapter_for
 
     name, spec, _ = family
-    model = spec["build"](torch.float64, 23, attn="eager")
+    model = spec["build"](torch.float64, 23, attn="eager").to(family[2].device)
     inputs = spec["inputs"](model, spec["samples"]()[:1], seed=5)
     H = model.config.text_config.hidden_size
     layer = 1

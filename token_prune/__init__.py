@@ -10,6 +10,7 @@
 from ._ops import compact_tokens
 from .api import PatchHandle, get_handle, patch, unpatch
 from .methods import supported_methods
+from .methods.alvts import LowRankSelector, calibrate_alvts
 from .models import supported_models
 from .vip import GlimpseConfig, GlimpseModules
 
@@ -23,6 +24,8 @@ __all__ = [
     "GlimpseConfig",
     "GlimpseModules",
     "compact_tokens",
+    "calibrate_alvts",
+    "LowRankSelector",
     "supported_methods",
     "supported_models",
     "__version__",
