@@ -151,6 +151,45 @@ def causal_mask(config, hidden: torch.Tensor, mask2d: torch.Tensor | None):
     )
 
 
+def run_layers(rt, lm, batch: TokenBatch, layers: range, cache, use_cache, kwargs) -> torch.Tensor:
+    """Run decoder ``layers`` over ``batch`` (its own mask and rotary tables); returns the hidden states."""
+    hidden = batch.hidden
+    if len(layers) == 0:
+        return hidden
+    mask = causal_mask(lm.config, hidden, batch.mask2d)
+    cos, sin = rt.adapter.rotary(hidden, batch.pos)
+    for i in layers:
+        hidden = lm.layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=batch.text_pos,
+                              past_key_values=cache, use_cache=use_cache, **kwargs)
+    return hidden
+
+
+def sample_stats(batch: TokenBatch, keep_vis: torch.Tensor, sizes: list[int]) -> list[dict]:
+    """Per-sample counts for ``handle.stats``: prompt length, visual tokens, kept, per image.
+
+    Args:
+        batch: the prompt ([B, S]); images are consumed in batch order.
+        keep_vis: [N] bool over all visual tokens, images concatenated.
+        sizes: tokens of each image.
+    """
+    per_sample = batch.visual.sum(1).tolist()
+    kept_per_image, start = [], 0
+    for n in sizes:
+        kept_per_image.append(int(keep_vis[start:start + n].sum()))
+        start += n
+    stats, img = [], 0
+    for b, n in enumerate(per_sample):
+        images, consumed = [], 0
+        while consumed < n:
+            images.append({"tokens": sizes[img], "kept": kept_per_image[img]})
+            consumed += sizes[img]
+            img += 1
+        kept = sum(i["kept"] for i in images)
+        stats.append({"prompt_len": int(batch.valid[b].sum()), "visual_tokens": n, "kept_tokens": kept,
+                      "keep_ratio": kept / n if n else 1.0, "images": images})
+    return stats
+
+
 @dataclass
 class PrefillResult:
     """What a method's prefill hands back to the runtime.

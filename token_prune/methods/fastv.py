@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores
+from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores, run_layers, sample_stats
 from .glimpse import _check_fraction
 
 
@@ -95,34 +95,10 @@ class FastV:
         short, _ = compact_batch(batch, keep, [])
         if short.mask2d is not None and bool(short.mask2d.bool().all()):
             short.mask2d = None
-        hidden = short.hidden
-        if K + 1 < len(layers):
-            mask = causal_mask(lm.config, hidden, short.mask2d)
-            cos, sin = adapter.rotary(hidden, short.pos)
-            for i in range(K + 1, len(layers)):
-                hidden = layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin),
-                                   position_ids=short.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
+        hidden = run_layers(rt, lm, short, range(K + 1, len(layers)), cache, use_cache, kwargs)
         short.hidden = hidden
         full_mask, short_mask = batch.valid.long(), short.valid.long()
         layer_masks = [full_mask] * (K + 1) + [short_mask] * (len(layers) - K - 1)
         if K + 1 == len(layers):
             layer_masks = [full_mask] * len(layers)
-        return PrefillResult(hidden, short, _stats(batch, keep_vis, sizes), layer_masks)
-
-
-def _stats(batch, keep_vis, sizes):
-    """Per-sample counts: visual tokens, kept, per-image detail."""
-    per_sample = batch.visual.sum(1).tolist()
-    stats, start, img = [], 0, 0
-    for b, n in enumerate(per_sample):
-        images, consumed = [], 0
-        while consumed < n:
-            size = sizes[img]
-            images.append({"tokens": size, "kept": int(keep_vis[start + consumed:start + consumed + size].sum())})
-            consumed += size
-            img += 1
-        kept = int(keep_vis[start:start + n].sum())
-        stats.append({"prompt_len": int(batch.valid[b].sum()), "visual_tokens": n, "kept_tokens": kept,
-                      "keep_ratio": kept / n if n else 1.0, "images": images})
-        start += n
-    return stats
+        return PrefillResult(hidden, short, sample_stats(batch, keep_vis, sizes), layer_masks)
