@@ -107,7 +107,9 @@ spec = importlib.util.spec_from_file_location("token_prune._C", found[0])
 ext = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ext)
 assert ext.WITH_CUDA == 1, "the extension was built without CUDA kernels"
-for op in ("token_prune::compact_tokens",):
+OPS = ("compact_tokens", "glimpse_attention_map", "vip_attention", "keep_mask",
+       "scatter_rows", "scatter_rows_")
+for op in (f"token_prune::{name}" for name in OPS):
     for key in ("CPU", "CUDA"):
         ok = torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
         print(f"  {op}: {key} kernel registered: {ok}")
@@ -125,8 +127,11 @@ from token_prune import _ops
 import sys
 assert token_prune._C.__file__.startswith(sys.prefix), token_prune._C.__file__
 assert _ops.EXTENSION_LOADED and _ops.EXTENSION_WITH_CUDA, _ops.EXTENSION_ERROR
-for key in ("CPU", "CUDA"):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("token_prune::compact_tokens", key), key
+assert not _ops._MISSING_OPS, _ops._MISSING_OPS
+for name in _ops.SCHEMAS:
+    assert str(getattr(torch.ops.token_prune, name).default._schema) == "token_prune::" + _ops.SCHEMAS[name], name
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"token_prune::{name}", key), (name, key)
 
 # The CPU kernel of this very build still works (the CUDA one needs a GPU).
 keep = torch.tensor([[True, False, True], [False, False, True]])

@@ -14,6 +14,8 @@
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -79,5 +81,78 @@ CompactResult compact_tokens_cpu(const at::Tensor& keep, int64_t out_len,
                                  at::TensorList caches,
                                  const at::Tensor& position_ids,
                                  const at::Tensor& attention_mask);
+
+// Widest power of two (<= 16) dividing every value: the widest vector (in
+// bytes) rows with these sizes, strides and base addresses can be moved in.
+int64_t widest_vector(std::initializer_list<int64_t> values);
+
+// ---------------------------------------------------------------------------
+// Input validation shared by the CPU and CUDA kernels of the other ops
+// (csrc/checks.cpp): both backends accept and reject exactly the same
+// inputs. None of them reads tensor data, so none synchronizes with a device.
+// ---------------------------------------------------------------------------
+
+struct GlimpseShape {
+  int64_t batch = 0;
+  int64_t heads = 0;     // query heads
+  int64_t kv_heads = 0;  // key heads (heads % kv_heads == 0)
+  int64_t seq = 0;       // keys per sample
+  int64_t dim = 0;       // head dim
+  int64_t n_vis = 0;     // packed visual tokens
+};
+GlimpseShape check_glimpse_attention_map(const at::Tensor& q, const at::Tensor& cos,
+                                         const at::Tensor& sin, const at::Tensor& keys,
+                                         const at::Tensor& cu_seqlens,
+                                         const at::Tensor& positions,
+                                         const std::optional<at::Tensor>& key_mask);
+
+struct VipShape {
+  int64_t tokens = 0;
+  int64_t heads = 0;
+  int64_t dim = 0;   // q/k head dim
+  int64_t vdim = 0;  // v head dim
+  int64_t images = 0;
+};
+VipShape check_vip_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& positions, const at::Tensor& cu_seqlens,
+                             int64_t max_seqlen);
+
+void check_keep_mask(const at::Tensor& scores, const at::Tensor& cu_seqlens,
+                     std::optional<double> max_keep_ratio, int64_t min_keep,
+                     std::optional<double> keep_ratio);
+
+void check_scatter_rows(const char* op, const at::Tensor& full, const at::Tensor& packed,
+                        const at::Tensor& index, const std::optional<at::Tensor>& residual);
+
+// cu_seqlens copied to the host (CPU kernels only) and checked: entries in
+// [0, tokens], non-decreasing, and with cover_all from 0 to tokens.
+std::vector<int32_t> checked_cu_seqlens(const char* op, const at::Tensor& cu_seqlens,
+                                        int64_t tokens, bool cover_all);
+
+// Sort key of a probability for a descending, stable order that matches
+// torch.sort(descending=True, stable=True): larger keys first, NaN above
+// everything, -0.0 equal to +0.0.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline uint32_t descending_key_bits(uint32_t bits) {
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    return 0xffffffffu;  // NaN
+  }
+  if ((bits & 0x7fffffffu) == 0u) {
+    bits = 0u;  // -0.0 -> +0.0
+  }
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// The ATen-only glimpse attention map (any device, any float dtype): the CPU
+// kernel, and the CUDA kernel's path for shapes its fast kernel does not
+// cover (float64, head dims over 256 or odd).
+at::Tensor glimpse_attention_map_composite(const at::Tensor& q, const at::Tensor& cos,
+                                           const at::Tensor& sin, const at::Tensor& keys,
+                                           const at::Tensor& cu_seqlens,
+                                           const at::Tensor& positions,
+                                           const std::optional<at::Tensor>& key_mask,
+                                           double scale, bool log_softmax);
 
 }  // namespace token_prune

@@ -1,15 +1,26 @@
-// CUDA kernels of token_prune::compact_tokens.
+// CUDA kernel of token_prune::compact_tokens: one launch for the hidden
+// states, every KV cache tensor, the position ids and the mask.
 //
-// Two launches, neither of which needs the host to see any data:
-//   1. build_src_index_kernel: one block per sample counts and scans keep[b]
-//      and writes, for every output slot, the source position (or -1 for a
-//      padding slot);
-//   2. gather_rows_kernel: every output tensor (hidden, each cache, position
-//      ids, mask) in one launch, described as byte rows; each thread moves one
-//      vector of 1..16 bytes and writes zeros for padding slots, so outputs
-//      need no separate fill.
-// More than kMaxGathersPerLaunch tensors (e.g. the caches of many layers) are
-// split over several launches of kernel 2.
+// Each block owns `tile` consecutive output slots of one sample and works out
+// their sources itself, so no index pass (and no grid-wide barrier) precedes
+// the copy:
+//   1. Slots are right-aligned, so output slot j holds the kept token that
+//      has exactly L-1-j kept tokens after it (its "reverse rank"), and needs
+//      no knowledge of the sample's total kept count. The block scans keep[b]
+//      backwards in chunks of 4*256 tokens (a block-wide exclusive scan of
+//      per-thread counts) until it has seen the reverse ranks of its slots,
+//      and records their sources in shared memory; a slot whose reverse rank
+//      is never reached is padding (-1).
+//   2. It then copies, for every tensor in the descriptor array, the rows of
+//      its slots (all heads) in vectors of 1..16 bytes, zeros for padding.
+// The descriptor array (up to kMaxDescriptors tensors, 72 bytes each) is a
+// __grid_constant__ kernel parameter, i.e. it lives in the constant bank and
+// needs no host-to-device copy; CUDA 12.1+ allows kernel parameters up to 32
+// KiB. More tensors than that (over 150 decoder layers) take several launches.
+//
+// The caller promises out_len >= n_b for every sample (checking it would need
+// the counts on the host). If the promise is broken each such sample keeps its
+// last out_len kept tokens, and nothing is written out of bounds.
 #include "common.h"
 
 #if TOKEN_PRUNE_WITH_CUDA
@@ -26,81 +37,13 @@
 namespace token_prune {
 namespace {
 
-constexpr int kIndexThreads = 256;
-constexpr int kCopyThreads = 256;
-constexpr int kCopyBlocksPerSm = 8;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kScanPerThread = 4;
+constexpr int kScanChunk = kThreads * kScanPerThread;
+constexpr int kMaxTile = 128;
 
-// ---------------------------------------------------------------------------
-// Kernel 1: slot -> source index.
-//
-// The caller promises out_len >= n_b for every sample; checking it would need
-// the counts on the host (a sync). If the promise is broken, the earliest kept
-// tokens are dropped (their slot would be negative) so nothing is written out
-// of bounds: every slot still gets either a valid source or -1.
-//
-// No __launch_bounds__: with it ptxas squeezes this kernel into 32 registers
-// (full occupancy) and spills, which buys nothing for B blocks.
-// ---------------------------------------------------------------------------
-__global__ void build_src_index_kernel(const bool* __restrict__ keep, int64_t seq,
-                                       int64_t out_len,
-                                       int32_t* __restrict__ src_index) {
-  constexpr int kWarps = kIndexThreads / 32;
-  __shared__ int warp_counts[kWarps];
-
-  const int64_t b = blockIdx.x;
-  const bool* row = keep + b * seq;
-  int32_t* slots = src_index + b * out_len;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-
-  // Pass 1: n_b. The loop bound is uniform over the block, as
-  // __syncthreads_count requires.
-  int64_t kept = 0;
-  for (int64_t base = 0; base < seq; base += kIndexThreads) {
-    const int64_t s = base + threadIdx.x;
-    kept += __syncthreads_count(s < seq && row[s]);
-  }
-  const int64_t pad = out_len - kept;  // < 0 only if the caller's promise broke
-
-  for (int64_t j = threadIdx.x; j < pad; j += kIndexThreads) {
-    slots[j] = -1;
-  }
-
-  // Pass 2: exclusive scan of keep in chunks of one block, carrying the
-  // running count across chunks.
-  int64_t running = 0;
-  for (int64_t base = 0; base < seq; base += kIndexThreads) {
-    const int64_t s = base + threadIdx.x;
-    const bool k = s < seq && row[s];
-    const unsigned ballot = __ballot_sync(0xffffffffu, k);
-    if (lane == 0) {
-      warp_counts[warp] = __popc(ballot);
-    }
-    __syncthreads();
-    int before = __popc(ballot & ((1u << lane) - 1u));
-    int chunk = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const int c = warp_counts[w];
-      before += w < warp ? c : 0;
-      chunk += c;
-    }
-    if (k) {
-      const int64_t slot = pad + running + before;
-      if (slot >= 0) {
-        slots[slot] = static_cast<int32_t>(s);
-      }
-    }
-    running += chunk;
-    // warp_counts is rewritten by the next chunk.
-    __syncthreads();
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Kernel 2: gather rows of every output tensor.
-// ---------------------------------------------------------------------------
-struct KernelGather {
+struct Descriptor {
   const char* in;
   char* out;
   int64_t in_stride_b;
@@ -108,134 +51,212 @@ struct KernelGather {
   int64_t in_stride_s;
   int64_t out_stride_b;
   int64_t out_stride_h;
-  int64_t heads;
-  int64_t row_vecs;    // row length in units of vec_bytes
-  int64_t total_vecs;  // B * heads * out_len * row_vecs
-  int64_t vec_bytes;
+  int32_t heads;
+  int32_t row_vecs;   // row length in units of vec_bytes
+  int32_t vec_bytes;  // 1, 2, 4, 8 or 16
+  int32_t unused;
 };
+static_assert(sizeof(Descriptor) == 72, "keep the descriptor compact");
 
-// Passed by value as a kernel parameter (no host-to-device copy); kept under
-// the classic 4 KiB parameter limit.
-constexpr int kMaxGathersPerLaunch = 32;
-struct GatherPack {
-  KernelGather g[kMaxGathersPerLaunch];
+template <int kCap>
+struct DescriptorPack {
+  Descriptor d[kCap];
   int count;
 };
-static_assert(sizeof(GatherPack) <= 4000, "GatherPack exceeds 4 KiB of params");
+constexpr int kSmallPack = 32;
+constexpr int kMaxDescriptors = 400;
+static_assert(sizeof(DescriptorPack<kMaxDescriptors>) + 64 <= 32764,
+              "kernel parameters are limited to 32764 bytes");
+
+// Block-wide exclusive scan of one int per thread; also returns the total.
+__device__ __forceinline__ int block_exclusive_scan(int value, int* warp_sums, int& total) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  int inclusive = value;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) {
+      inclusive += other;
+    }
+  }
+  if (lane == 31) {
+    warp_sums[warp] = inclusive;
+  }
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const int s = warp_sums[w];
+    before += w < warp ? s : 0;
+    total += s;
+  }
+  // warp_sums is rewritten by the next call.
+  __syncthreads();
+  return before + inclusive - value;
+}
 
 template <typename Vec, typename Index>
-__device__ __forceinline__ void gather_rows(const KernelGather& g,
-                                            const int32_t* __restrict__ src_index,
-                                            Index out_len) {
-  const Index row_vecs = static_cast<Index>(g.row_vecs);
-  const Index heads = static_cast<Index>(g.heads);
-  const Index total = static_cast<Index>(g.total_vecs);
-  const Index stride = static_cast<Index>(gridDim.x) * kCopyThreads;
-  // Consecutive threads take consecutive vectors of a row, so both the read
-  // of a kept row and the write of an output row are coalesced.
-  for (Index i = static_cast<Index>(blockIdx.x) * kCopyThreads + threadIdx.x;
-       i < total; i += stride) {
+__device__ __forceinline__ void copy_rows(const Descriptor& d, const int32_t* src, int64_t b,
+                                          int64_t j0, Index tile) {
+  const Index row_vecs = static_cast<Index>(d.row_vecs);
+  const Index total = static_cast<Index>(d.heads) * tile * row_vecs;
+  const int64_t row_bytes = static_cast<int64_t>(d.row_vecs) * static_cast<int64_t>(sizeof(Vec));
+  const char* in_b = d.in + b * d.in_stride_b;
+  char* out_b = d.out + b * d.out_stride_b;
+  for (Index i = threadIdx.x; i < total; i += kThreads) {
     const Index row = i / row_vecs;
     const Index v = i - row * row_vecs;
-    const Index bh = row / out_len;
-    const Index j = row - bh * out_len;
-    const Index b = bh / heads;
-    const Index h = bh - b * heads;
-    const int32_t s =
-        src_index[static_cast<int64_t>(b) * static_cast<int64_t>(out_len) + j];
+    const Index h = row / tile;
+    const Index jj = row - h * tile;
+    const int32_t s = src[jj];
     Vec value{};  // zeros for padding slots
     if (s >= 0) {
-      value = *reinterpret_cast<const Vec*>(
-          g.in + static_cast<int64_t>(b) * g.in_stride_b +
-          static_cast<int64_t>(h) * g.in_stride_h +
-          static_cast<int64_t>(s) * g.in_stride_s +
-          static_cast<int64_t>(v) * static_cast<int64_t>(sizeof(Vec)));
+      value = *reinterpret_cast<const Vec*>(in_b + static_cast<int64_t>(h) * d.in_stride_h +
+                                            static_cast<int64_t>(s) * d.in_stride_s +
+                                            static_cast<int64_t>(v) * static_cast<int64_t>(sizeof(Vec)));
     }
-    *reinterpret_cast<Vec*>(
-        g.out + static_cast<int64_t>(b) * g.out_stride_b +
-        static_cast<int64_t>(h) * g.out_stride_h +
-        (static_cast<int64_t>(j) * g.row_vecs + static_cast<int64_t>(v)) *
-            static_cast<int64_t>(sizeof(Vec))) = value;
+    *reinterpret_cast<Vec*>(out_b + static_cast<int64_t>(h) * d.out_stride_h +
+                            (j0 + static_cast<int64_t>(jj)) * row_bytes +
+                            static_cast<int64_t>(v) * static_cast<int64_t>(sizeof(Vec))) = value;
   }
 }
 
-// __grid_constant__ lets the loop index the parameter array without copying
-// the whole pack into per-thread local memory.
-template <typename Index>
-__global__ void __launch_bounds__(kCopyThreads)
-    gather_rows_kernel(const __grid_constant__ GatherPack pack,
-                       const int32_t* __restrict__ src_index, int64_t out_len) {
-  const Index L = static_cast<Index>(out_len);
+template <int kCap, typename Index>
+__global__ void __launch_bounds__(kThreads)
+    compact_kernel(const __grid_constant__ DescriptorPack<kCap> pack, const bool* __restrict__ keep,
+                   int64_t seq, int64_t out_len, int64_t tiles_per_sample, int64_t tile) {
+  __shared__ int32_t src[kMaxTile];
+  __shared__ int warp_sums[kWarps];
+
+  const int64_t b = blockIdx.x / tiles_per_sample;
+  const int64_t j0 = (blockIdx.x - b * tiles_per_sample) * tile;
+  const int64_t n_slots = tile < out_len - j0 ? tile : out_len - j0;  // >= 1
+  // Reverse ranks of this block's slots: [rr_lo, rr_hi].
+  const int64_t rr_hi = out_len - 1 - j0;
+  const int64_t rr_lo = rr_hi - (n_slots - 1);
+  for (int t = threadIdx.x; t < n_slots; t += kThreads) {
+    src[t] = -1;
+  }
+  __syncthreads();
+
+  // Phase 1: backward scan of keep[b] until every slot's reverse rank is seen.
+  const bool* row = keep + b * seq;
+  int64_t seen = 0;  // kept tokens after the current chunk; uniform over the block
+  for (int64_t end = seq; end > 0 && seen <= rr_hi; end -= kScanChunk) {
+    // Thread 0 takes the 4 tokens nearest `end`, thread 1 the 4 before, ...
+    const int64_t top = end - 1 - static_cast<int64_t>(threadIdx.x) * kScanPerThread;
+    bool flag[kScanPerThread];
+    int count = 0;
+#pragma unroll
+    for (int u = 0; u < kScanPerThread; ++u) {
+      const int64_t s = top - u;
+      flag[u] = s >= 0 && row[s];
+      count += flag[u];
+    }
+    int chunk_total;
+    const int before = block_exclusive_scan(count, warp_sums, chunk_total);
+    int64_t rr = seen + before;
+#pragma unroll
+    for (int u = 0; u < kScanPerThread; ++u) {
+      if (flag[u]) {
+        if (rr >= rr_lo && rr <= rr_hi) {
+          src[out_len - 1 - rr - j0] = static_cast<int32_t>(top - u);
+        }
+        ++rr;
+      }
+    }
+    seen += chunk_total;
+  }
+  __syncthreads();
+
+  // Phase 2: every tensor's rows of these slots.
+  const Index tile_i = static_cast<Index>(n_slots);
   for (int t = 0; t < pack.count; ++t) {
-    const KernelGather& g = pack.g[t];
-    // Uniform over the grid, so the switch does not diverge.
-    switch (g.vec_bytes) {
+    const Descriptor& d = pack.d[t];
+    // Uniform over the block, so the switch does not diverge.
+    switch (d.vec_bytes) {
       case 16:
-        gather_rows<uint4, Index>(g, src_index, L);
+        copy_rows<uint4, Index>(d, src, b, j0, tile_i);
         break;
       case 8:
-        gather_rows<uint2, Index>(g, src_index, L);
+        copy_rows<uint2, Index>(d, src, b, j0, tile_i);
         break;
       case 4:
-        gather_rows<uint32_t, Index>(g, src_index, L);
+        copy_rows<uint32_t, Index>(d, src, b, j0, tile_i);
         break;
       case 2:
-        gather_rows<uint16_t, Index>(g, src_index, L);
+        copy_rows<uint16_t, Index>(d, src, b, j0, tile_i);
         break;
       default:
-        gather_rows<uint8_t, Index>(g, src_index, L);
+        copy_rows<uint8_t, Index>(d, src, b, j0, tile_i);
         break;
     }
   }
 }
 
-KernelGather to_kernel(const RowGather& r, int64_t batch, int64_t out_len) {
-  KernelGather k;
-  k.in = r.in;
-  k.out = r.out;
-  k.in_stride_b = r.in_stride_b;
-  k.in_stride_h = r.in_stride_h;
-  k.in_stride_s = r.in_stride_s;
-  k.out_stride_b = r.out_stride_b;
-  k.out_stride_h = r.out_stride_h;
-  k.heads = r.heads;
-  k.vec_bytes = r.vec_bytes;
-  k.row_vecs = r.row_bytes / r.vec_bytes;
-  k.total_vecs = batch * r.heads * out_len * k.row_vecs;
-  return k;
+Descriptor to_descriptor(const RowGather& r) {
+  Descriptor d{};
+  d.in = r.in;
+  d.out = r.out;
+  d.in_stride_b = r.in_stride_b;
+  d.in_stride_h = r.in_stride_h;
+  d.in_stride_s = r.in_stride_s;
+  d.out_stride_b = r.out_stride_b;
+  d.out_stride_h = r.out_stride_h;
+  TORCH_CHECK(r.heads <= std::numeric_limits<int32_t>::max() &&
+                  r.row_bytes / r.vec_bytes <= std::numeric_limits<int32_t>::max(),
+              "token_prune::compact_tokens: a tensor has too many heads or too long rows");
+  d.heads = static_cast<int32_t>(r.heads);
+  d.vec_bytes = static_cast<int32_t>(r.vec_bytes);
+  d.row_vecs = static_cast<int32_t>(r.row_bytes / r.vec_bytes);
+  return d;
 }
 
-void launch_gathers(const std::vector<RowGather>& gathers,
-                    const int32_t* src_index, int64_t batch, int64_t out_len,
-                    cudaStream_t stream) {
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
-      kCopyBlocksPerSm;
-  for (size_t first = 0; first < gathers.size(); first += kMaxGathersPerLaunch) {
-    GatherPack pack{};
-    int64_t max_total = 0;
-    const size_t last =
-        std::min(gathers.size(), first + static_cast<size_t>(kMaxGathersPerLaunch));
-    for (size_t i = first; i < last; ++i) {
-      pack.g[pack.count] = to_kernel(gathers[i], batch, out_len);
-      max_total = std::max(max_total, pack.g[pack.count].total_vecs);
-      ++pack.count;
-    }
-    const int64_t blocks = std::max<int64_t>(
-        1, std::min(max_blocks, (max_total + kCopyThreads - 1) / kCopyThreads));
-    // 32-bit index math is markedly cheaper on the GPU; it is safe while
-    // i + stride cannot wrap.
-    const bool small = max_total + blocks * kCopyThreads <=
-                       static_cast<int64_t>(std::numeric_limits<int32_t>::max());
-    if (small) {
-      gather_rows_kernel<uint32_t><<<static_cast<unsigned>(blocks), kCopyThreads,
-                                     0, stream>>>(pack, src_index, out_len);
-    } else {
-      gather_rows_kernel<uint64_t><<<static_cast<unsigned>(blocks), kCopyThreads,
-                                     0, stream>>>(pack, src_index, out_len);
-    }
-    TOKEN_PRUNE_LAUNCH_CHECK();
+// Slots per block: enough bytes per block to amortize its scan of keep[b],
+// enough blocks to fill the GPU.
+int64_t choose_tile(int64_t batch, int64_t out_len, int64_t bytes_per_slot, int64_t sms) {
+  int64_t tile = kMaxTile;
+  while (tile > 1 && tile * bytes_per_slot > (int64_t{256} << 10)) {
+    tile /= 2;
   }
+  while (tile > 4 && batch * ((out_len + tile - 1) / tile) < 2 * sms) {
+    tile /= 2;
+  }
+  return tile;
+}
+
+template <int kCap>
+void launch(const std::vector<Descriptor>& descs, size_t first, size_t last,
+            const bool* keep, int64_t batch, int64_t seq, int64_t out_len, int64_t sms,
+            cudaStream_t stream) {
+  DescriptorPack<kCap> pack{};
+  int64_t bytes_per_slot = 0;
+  int64_t max_vecs_per_slot = 0;
+  for (size_t i = first; i < last; ++i) {
+    const Descriptor& d = descs[i];
+    pack.d[pack.count++] = d;
+    bytes_per_slot += static_cast<int64_t>(d.heads) * d.row_vecs * d.vec_bytes;
+    max_vecs_per_slot = std::max<int64_t>(max_vecs_per_slot, static_cast<int64_t>(d.heads) * d.row_vecs);
+  }
+  const int64_t tile = choose_tile(batch, out_len, bytes_per_slot, sms);
+  const int64_t tiles = (out_len + tile - 1) / tile;
+  const int64_t blocks = batch * tiles;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "token_prune::compact_tokens: too many output slots");
+  // 32-bit index math is markedly cheaper; it is safe while a block's
+  // per-tensor vector count plus the stride fits.
+  const bool small = max_vecs_per_slot * tile + kThreads <=
+                     static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+  if (small) {
+    compact_kernel<kCap, uint32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        pack, keep, seq, out_len, tiles, tile);
+  } else {
+    compact_kernel<kCap, uint64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        pack, keep, seq, out_len, tiles, tile);
+  }
+  TOKEN_PRUNE_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -256,18 +277,23 @@ CompactResult compact_tokens_cuda(const at::Tensor& keep, int64_t out_len,
   if (B == 0 || L == 0 || plan.gathers.empty()) {
     return std::move(plan.outputs);
   }
-  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(),
-              "token_prune::compact_tokens: batch size ", B, " is too large");
-
+  std::vector<Descriptor> descs;
+  descs.reserve(plan.gathers.size());
+  for (const RowGather& g : plan.gathers) {
+    descs.push_back(to_descriptor(g));
+  }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor src_index =
-      at::empty({B, L}, keep.options().dtype(at::kInt));
-  build_src_index_kernel<<<static_cast<unsigned>(B), kIndexThreads, 0, stream>>>(
-      plan.keep.const_data_ptr<bool>(), plan.seq, L,
-      src_index.mutable_data_ptr<int32_t>());
-  TOKEN_PRUNE_LAUNCH_CHECK();
-
-  launch_gathers(plan.gathers, src_index.const_data_ptr<int32_t>(), B, L, stream);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const bool* k = plan.keep.const_data_ptr<bool>();
+  if (descs.size() <= static_cast<size_t>(kSmallPack)) {
+    // A small parameter block keeps the launch cheap in the common case.
+    launch<kSmallPack>(descs, 0, descs.size(), k, B, plan.seq, L, sms, stream);
+  } else {
+    for (size_t first = 0; first < descs.size(); first += kMaxDescriptors) {
+      const size_t last = std::min(descs.size(), first + static_cast<size_t>(kMaxDescriptors));
+      launch<kMaxDescriptors>(descs, first, last, k, B, plan.seq, L, sms, stream);
+    }
+  }
   return std::move(plan.outputs);
 }
 

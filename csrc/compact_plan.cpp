@@ -19,21 +19,6 @@ int64_t used_stride_bytes(const at::Tensor& t, int64_t dim) {
   return t.size(dim) == 1 ? 0 : t.stride(dim) * t.element_size();
 }
 
-int64_t widest_vector(std::initializer_list<int64_t> values) {
-  int64_t width = 16;
-  while (width > 1) {
-    bool ok = true;
-    for (int64_t v : values) {
-      ok = ok && (v % width == 0);
-    }
-    if (ok) {
-      break;
-    }
-    width /= 2;
-  }
-  return width;
-}
-
 void finish(RowGather& g) {
   g.vec_bytes = widest_vector({
       g.row_bytes,
@@ -57,6 +42,21 @@ void check_strided(const at::Tensor& t, const std::string& name) {
 }
 
 }  // namespace
+
+int64_t widest_vector(std::initializer_list<int64_t> values) {
+  int64_t width = 16;
+  while (width > 1) {
+    bool ok = true;
+    for (int64_t v : values) {
+      ok = ok && (v % width == 0);
+    }
+    if (ok) {
+      break;
+    }
+    width /= 2;
+  }
+  return width;
+}
 
 CompactPlan plan_compact_tokens(const at::Tensor& keep, int64_t out_len,
                                 const at::Tensor& hidden,

@@ -19,6 +19,40 @@ TORCH_LIBRARY(token_prune, m) {
       "compact_tokens(Tensor keep, SymInt out_len, Tensor hidden, "
       "Tensor[] caches, Tensor position_ids, Tensor attention_mask) "
       "-> (Tensor, Tensor[], Tensor, Tensor)");
+  // GlimpsePrune's glimpse attention map: the glimpse query of each sample
+  // (before rotary; rotated here by cos/sin [B, d]) against the rotated keys
+  // [B, Hkv, S, d] of the sample's visual tokens (GQA heads shared), scaled;
+  // optionally log-softmax over all real keys (key_mask) of the sample.
+  // Visual tokens come varlen style: sample b owns positions[cu[b]:cu[b+1]].
+  // -> float32 [N_v, Hq] (float64 for float64 q).
+  m.def(
+      "glimpse_attention_map(Tensor q, Tensor cos, Tensor sin, Tensor keys, "
+      "Tensor cu_seqlens, Tensor positions, Tensor? key_mask, float scale, "
+      "bool log_softmax) -> Tensor");
+  // The VIP's conditional self-attention: q, k [N, H, D] before rotary, v
+  // [N, H, Dv]; 2D RoPE from the (row, col) int positions [N, 2]; softmax
+  // attention within each image (cu_seqlens [n_images + 1], bidirectional).
+  // -> [N, H, Dv] in q's dtype.
+  m.def(
+      "vip_attention(Tensor q, Tensor k, Tensor v, Tensor positions, "
+      "Tensor cu_seqlens, SymInt max_seqlen, float scale, float theta) -> Tensor");
+  // GlimpsePrune's keep rule per image (cu_seqlens over images), decided on
+  // the device: sigmoid(score) > threshold with an optional top-k cap
+  // (max_keep_ratio) and top-k floor (min_keep), or exactly
+  // ceil(keep_ratio * n) top-scored; ties to the earlier token. -> bool [N].
+  m.def(
+      "keep_mask(Tensor scores, Tensor cu_seqlens, float threshold, "
+      "float? max_keep_ratio, int min_keep, float? keep_ratio, "
+      "bool scores_are_logits) -> Tensor");
+  // Skip-and-merge: out = full; out[b, index[b, j]] = packed[b, j]
+  // (+ residual[b, j]) for index >= 0. full [B, S, H], packed [B, S', H].
+  m.def(
+      "scatter_rows(Tensor full, Tensor packed, Tensor index, Tensor? residual) "
+      "-> Tensor");
+  // The same, written into full itself.
+  m.def(
+      "scatter_rows_(Tensor(a!) full, Tensor packed, Tensor index, "
+      "Tensor? residual) -> ()");
 }
 
 // The extension exposes no Python functions (everything goes through

@@ -13,6 +13,8 @@ from .methods import supported_methods
 from .methods.alvts import LowRankSelector, calibrate_alvts
 from .models import supported_models
 from .vip import GlimpseConfig, GlimpseModules
+from .accuracy import eval_accuracy, train_small_lvlm  # noqa: F401,E402 (accuracy benchmark, issue 7)
+from .train import evaluate_vip, train_vip  # noqa: F401,E402 (GlimpsePrune stage 1 training, issue 5)
 
 __version__ = "0.1.0"
 

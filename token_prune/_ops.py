@@ -17,12 +17,21 @@ This module must import nothing from the package except :mod:`.reference`.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 
-from .reference import compact_tokens_ref
+from .reference import (
+    compact_tokens_ref,
+    glimpse_attention_map_ref,
+    keep_mask_ref,
+    scatter_rows_ref,
+    vip_attention_ref,
+)
 
 __all__ = [
     "EXTENSION_ERROR",
@@ -30,6 +39,14 @@ __all__ = [
     "EXTENSION_WITH_CUDA",
     "SCHEMAS",
     "compact_tokens",
+    "cu_seqlens_from_sizes",
+    "gather_rows",
+    "glimpse_attention_map",
+    "kernels_enabled",
+    "keep_mask",
+    "scatter_rows",
+    "use_kernels",
+    "vip_attention",
 ]
 
 # Must match csrc/ops.cpp exactly; used only by the pure-Python fallback.
@@ -38,6 +55,27 @@ SCHEMAS: dict[str, str] = {
         "compact_tokens(Tensor keep, SymInt out_len, Tensor hidden, "
         "Tensor[] caches, Tensor position_ids, Tensor attention_mask) "
         "-> (Tensor, Tensor[], Tensor, Tensor)"
+    ),
+    "glimpse_attention_map": (
+        "glimpse_attention_map(Tensor q, Tensor cos, Tensor sin, Tensor keys, "
+        "Tensor cu_seqlens, Tensor positions, Tensor? key_mask, float scale, "
+        "bool log_softmax) -> Tensor"
+    ),
+    "vip_attention": (
+        "vip_attention(Tensor q, Tensor k, Tensor v, Tensor positions, "
+        "Tensor cu_seqlens, SymInt max_seqlen, float scale, float theta) -> Tensor"
+    ),
+    "keep_mask": (
+        "keep_mask(Tensor scores, Tensor cu_seqlens, float threshold, "
+        "float? max_keep_ratio, int min_keep, float? keep_ratio, "
+        "bool scores_are_logits) -> Tensor"
+    ),
+    "scatter_rows": (
+        "scatter_rows(Tensor full, Tensor packed, Tensor index, Tensor? residual) -> Tensor"
+    ),
+    "scatter_rows_": (
+        "scatter_rows_(Tensor(a!) full, Tensor packed, Tensor index, "
+        "Tensor? residual) -> ()"
     ),
 }
 
@@ -57,25 +95,80 @@ else:
     EXTENSION_WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
 
 
+# -- pure-PyTorch kernels for the fallback -----------------------------------------------
+
+
 def _compact_tokens_fallback(keep, out_len, hidden, caches, position_ids, attention_mask):
     return compact_tokens_ref(keep, hidden, caches, position_ids, attention_mask, out_len)
 
 
+def _glimpse_attention_map_fallback(q, cos, sin, keys, cu_seqlens, positions, key_mask, scale, log_softmax):
+    return glimpse_attention_map_ref(q, cos, sin, keys, cu_seqlens, positions, key_mask, scale, log_softmax)
+
+
+def _vip_attention_fallback(q, k, v, positions, cu_seqlens, max_seqlen, scale, theta):
+    return vip_attention_ref(q, k, v, positions, cu_seqlens, max_seqlen, scale, theta)
+
+
+def _keep_mask_fallback(scores, cu_seqlens, threshold, max_keep_ratio, min_keep, keep_ratio, scores_are_logits):
+    return keep_mask_ref(scores, cu_seqlens, threshold, max_keep_ratio, min_keep, keep_ratio, scores_are_logits)
+
+
+def _scatter_rows_fallback(full, packed, index, residual):
+    return scatter_rows_ref(full, packed, index, residual)
+
+
+def _scatter_rows_inplace_fallback(full, packed, index, residual):
+    full.copy_(scatter_rows_ref(full, packed, index, residual))
+
+
+_FALLBACKS = {
+    "compact_tokens": _compact_tokens_fallback,
+    "glimpse_attention_map": _glimpse_attention_map_fallback,
+    "vip_attention": _vip_attention_fallback,
+    "keep_mask": _keep_mask_fallback,
+    "scatter_rows": _scatter_rows_fallback,
+    "scatter_rows_": _scatter_rows_inplace_fallback,
+}
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"token_prune::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+# Ops the loaded extension does not define (none when it is current; all when it
+# is missing) are defined here with the references as kernels for every device.
+_MISSING_OPS = [name for name in SCHEMAS if not _op_defined(name)]
 _FALLBACK_LIB = None
-if not EXTENSION_LOADED:
-    warnings.warn(
-        "token_prune: the compiled extension token_prune._C could not be loaded "
-        f"({EXTENSION_ERROR}); falling back to slow pure-PyTorch kernels. Build it "
-        "with `pip install --no-build-isolation -e .`.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+if _MISSING_OPS:
+    if not EXTENSION_LOADED:
+        warnings.warn(
+            "token_prune: the compiled extension token_prune._C could not be loaded "
+            f"({EXTENSION_ERROR}); falling back to slow pure-PyTorch kernels. Build it "
+            "with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    else:
+        warnings.warn(
+            f"token_prune: the compiled extension token_prune._C is out of date (it lacks "
+            f"{', '.join(_MISSING_OPS)}); those ops fall back to slow pure-PyTorch kernels. "
+            "Rebuild it with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     # Kept at module level: the registrations live as long as the Library does.
-    _FALLBACK_LIB = torch.library.Library("token_prune", "DEF")
-    _FALLBACK_LIB.define(SCHEMAS["compact_tokens"])
-    _FALLBACK_LIB.impl(
-        "compact_tokens", _compact_tokens_fallback, "CompositeExplicitAutograd"
-    )
+    _FALLBACK_LIB = torch.library.Library("token_prune", "DEF" if not EXTENSION_LOADED else "FRAGMENT")
+    for _name in _MISSING_OPS:
+        _FALLBACK_LIB.define(SCHEMAS[_name])
+        _FALLBACK_LIB.impl(_name, _FALLBACKS[_name], "CompositeExplicitAutograd")
+
+
+# -- fake kernels -------------------------------------------------------------------------
 
 
 @torch.library.register_fake("token_prune::compact_tokens")
@@ -108,6 +201,102 @@ def _compact_tokens_fake(keep, out_len, hidden, caches, position_ids, attention_
         position_ids.new_empty((position_ids.shape[0], batch, out_len)),
         attention_mask.new_empty((batch, out_len)),
     )
+
+
+@torch.library.register_fake("token_prune::glimpse_attention_map")
+def _glimpse_attention_map_fake(q, cos, sin, keys, cu_seqlens, positions, key_mask, scale, log_softmax):
+    torch._check(q.dim() == 3, lambda: f"q must be [B, Hq, d], got {q.shape}")
+    torch._check(keys.dim() == 4, lambda: f"keys must be [B, Hkv, S, d], got {keys.shape}")
+    torch._check(positions.dim() == 1, lambda: f"positions must be [N_v], got {positions.shape}")
+    torch._check(cu_seqlens.dtype == torch.int32, lambda: f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((positions.shape[0], q.shape[1]), dtype=out_dtype)
+
+
+@torch.library.register_fake("token_prune::vip_attention")
+def _vip_attention_fake(q, k, v, positions, cu_seqlens, max_seqlen, scale, theta):
+    torch._check(q.dim() == 3 and v.dim() == 3, lambda: f"q, v must be [N, H, D], got {q.shape}, {v.shape}")
+    torch._check(q.shape[2] % 4 == 0, lambda: f"q/k head dim must be divisible by 4, got {q.shape[2]}")
+    torch._check(cu_seqlens.dtype == torch.int32, lambda: f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+@torch.library.register_fake("token_prune::keep_mask")
+def _keep_mask_fake(scores, cu_seqlens, threshold, max_keep_ratio, min_keep, keep_ratio, scores_are_logits):
+    torch._check(scores.dim() == 1, lambda: f"scores must be [N], got {scores.shape}")
+    torch._check(cu_seqlens.dtype == torch.int32, lambda: f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("token_prune::scatter_rows")
+def _scatter_rows_fake(full, packed, index, residual):
+    torch._check(full.dim() == 3 and packed.dim() == 3 and index.dim() == 2,
+                 lambda: "expected full [B, S, H], packed [B, S', H], index [B, S']")
+    return full.new_empty(full.shape)
+
+
+@torch.library.register_fake("token_prune::scatter_rows_")
+def _scatter_rows_inplace_fake(full, packed, index, residual):
+    torch._check(full.dim() == 3 and packed.dim() == 3 and index.dim() == 2,
+                 lambda: "expected full [B, S, H], packed [B, S', H], index [B, S']")
+    return None
+
+
+# -- when the methods use the kernels ------------------------------------------------------
+
+_KERNELS_ENABLED = os.environ.get("TOKEN_PRUNE_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+# Tests set this to route the methods' CPU tensors through the ops' CPU kernels, which
+# exercises the GPU code paths' wiring on a machine without a GPU.
+_KERNELS_ON_CPU = False
+
+
+def kernels_enabled() -> bool:
+    """Whether the methods may use the compiled kernels (``TOKEN_PRUNE_KERNELS=0`` turns them off)."""
+    return _KERNELS_ENABLED
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool = True, *, on_cpu: bool = False):
+    """Context manager: turn the methods' use of the compiled kernels on or off.
+
+    ``use_kernels(False)`` runs the plain PyTorch paths everywhere (the reference
+    behaviour); ``on_cpu=True`` also routes CPU tensors through the ops' CPU kernels
+    (for tests of the GPU code paths without a GPU).
+    """
+    global _KERNELS_ENABLED, _KERNELS_ON_CPU
+    saved = _KERNELS_ENABLED, _KERNELS_ON_CPU
+    _KERNELS_ENABLED, _KERNELS_ON_CPU = bool(enabled), bool(on_cpu)
+    try:
+        yield
+    finally:
+        _KERNELS_ENABLED, _KERNELS_ON_CPU = saved
+
+
+def kernels_active(device: torch.device | str, *grad_inputs: torch.Tensor | None) -> bool:
+    """True when the methods should call the compiled kernels for tensors on ``device``:
+    a CUDA device with the CUDA extension loaded (or the CPU, inside
+    ``use_kernels(on_cpu=True)``), kernels not turned off, and no gradient wanted
+    through ``grad_inputs`` (the kernels have no backward; training takes the plain
+    PyTorch paths)."""
+    if not _KERNELS_ENABLED or not EXTENSION_LOADED or _MISSING_OPS:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs):
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return EXTENSION_WITH_CUDA
+    return device.type == "cpu" and _KERNELS_ON_CPU
+
+
+def cu_seqlens_from_sizes(sizes: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """int32 ``[len(sizes) + 1]`` cumulative offsets ``0, n_0, n_0 + n_1, ...`` on ``device``."""
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + int(n))
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+# -- wrappers -------------------------------------------------------------------------------
 
 
 def compact_tokens(
@@ -164,3 +353,152 @@ def compact_tokens(
     if flat_positions:
         positions_out = positions_out.squeeze(0)
     return hidden_out, list(caches_out), positions_out, mask_out
+
+
+
+def glimpse_attention_map(
+    q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    log_softmax: bool = False,
+) -> torch.Tensor:
+    """GlimpsePrune's glimpse attention map, fused: rotary on the query, GQA, scale,
+    optional log-softmax, for the visual tokens of a ragged batch.
+
+    Args:
+        q: ``[B, Hq, d]`` the glimpse token's query at layer K *before* rotary
+            (float32/float16/bfloat16/float64).
+        cos, sin: ``[B, d]`` the rotary tables at the glimpse token's position (any float
+            dtype); the query is rotated in float32 and not rounded.
+        keys: ``[B, Hkv, S, d]`` layer K's rotated keys (the KV cache), q's dtype, any
+            strides; query head ``h`` reads key head ``h // (Hq // Hkv)``.
+        cu_seqlens: int32 ``[B + 1]``; sample ``b``'s visual tokens are
+            ``positions[cu[b]:cu[b+1]]``; ``cu[B]`` must equal ``N_v``.
+        positions: int32/int64 ``[N_v]``, each visual token's index into ``S``.
+        key_mask: ``[B, S]`` nonzero for real keys; only read with ``log_softmax``
+            (None: all keys are real).
+        scale: defaults to ``1/sqrt(d)``.
+        log_softmax: False: scaled logits (Qwen). True: log-softmax over all real keys
+            of the sample (LLaVA); ``-inf`` for visual tokens the mask marks as padding.
+
+    Returns:
+        float32 ``[N_v, Hq]`` (float64 for float64 inputs). No host synchronization.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.token_prune.glimpse_attention_map(
+        q, cos, sin, keys, cu_seqlens, positions, key_mask, float(scale), bool(log_softmax))
+
+
+def vip_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    scale: float | None = None,
+    theta: float = 10000.0,
+) -> torch.Tensor:
+    """The VIP's conditional self-attention with 2D RoPE, fused (varlen, per image).
+
+    Args:
+        q, k: ``[N, H, D]`` before rotary (``D`` divisible by 4; the VIP's is 192).
+        v: ``[N, H, Dv]`` (the VIP's ``Dv`` is 64); one dtype for q, k, v.
+        positions: int ``[N, 2]``, each token's (row, col) on its image's grid.
+        cu_seqlens: int32 ``[n_images + 1]``, from 0 to ``N``; image ``i`` owns tokens
+            ``cu[i]:cu[i+1]`` and attends within them, bidirectionally.
+        max_seqlen: the longest image (a host int; sizes the CUDA grid, so it must not
+            be smaller than the longest image).
+        scale: defaults to ``1/sqrt(D)``; theta: the RoPE base.
+
+    Returns:
+        ``[N, H, Dv]`` in q's dtype. q and k are rotated by the 2D RoPE of the Qwen ViT
+        convention in float32 (float64 for float64 inputs) and rounded to their dtype,
+        like :class:`token_prune.vip.VIP`; softmax and sums accumulate in float32.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.token_prune.vip_attention(
+        q, k, v, positions, cu_seqlens, int(max_seqlen), float(scale), float(theta))
+
+
+def keep_mask(
+    scores: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    threshold: float = 0.5,
+    max_keep_ratio: float | None = None,
+    min_keep: int = 1,
+    keep_ratio: float | None = None,
+    scores_are_logits: bool = True,
+) -> torch.Tensor:
+    """GlimpsePrune's keep rule for every image at once, decided on the device.
+
+    Exactly :func:`token_prune.runtime.keep_mask_from_scores` (same options, same ties:
+    the earlier token wins), with the images given as int32 ``cu_seqlens`` over the
+    ``[N]`` scores instead of a host list. On CUDA nothing is copied to the host.
+
+    Returns:
+        bool ``[N]``; tokens outside every image are False.
+    """
+    return torch.ops.token_prune.keep_mask(
+        scores, cu_seqlens, float(threshold),
+        None if max_keep_ratio is None else float(max_keep_ratio), int(min_keep),
+        None if keep_ratio is None else float(keep_ratio), bool(scores_are_logits))
+
+
+def scatter_rows(
+    full: torch.Tensor,
+    packed: torch.Tensor,
+    index: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Write processed rows back into the full hidden state (skip-and-merge).
+
+    ``out = full``; for every ``index[b, j] >= 0``: ``out[b, index[b, j]] = packed[b, j]``
+    (``+ residual[b, j]`` when given, one rounding as in torch's add).
+
+    Args:
+        full: ``[B, S, H]``.
+        packed: ``[B, S', H]``, full's dtype; residual: the same shape or None.
+        index: int32/int64 ``[B, S']``, target rows (-1: skip), unique per sample, < S.
+        inplace: write into ``full`` (only the packed rows move) instead of a copy.
+
+    Returns:
+        The result: a new contiguous tensor, or ``full`` itself with ``inplace``.
+    """
+    if inplace:
+        torch.ops.token_prune.scatter_rows_(full, packed, index, residual)
+        return full
+    return torch.ops.token_prune.scatter_rows(full, packed, index, residual)
+
+
+def gather_rows(
+    full: torch.Tensor,
+    keep: torch.Tensor,
+    out_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``full`` ``[B, S, H]`` where ``keep`` ``[B, S]`` is true, packed to the
+    right end of ``out_len`` slots (left padding, order kept), and their source rows.
+
+    The inverse of :func:`scatter_rows`: ``scatter_rows(full, *gather_rows(full, keep))``
+    is ``full``. Runs on :func:`compact_tokens` (one launch on CUDA).
+
+    Returns:
+        ``(packed [B, L, H], index [B, L])``, index int64 with -1 at padding slots.
+    """
+    batch, seq = keep.shape
+    rows = torch.arange(seq, device=keep.device).expand(1, batch, seq)
+    packed, _, index, mask = compact_tokens(keep, full, [], rows, keep, out_len)
+    index = torch.where(mask, index[0], torch.full_like(index[0], -1))
+    return packed, index

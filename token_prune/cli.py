@@ -13,6 +13,10 @@ import warnings
 
 
 def _demo(args) -> int:
+    if getattr(args, "trained", None):
+        from token_prune.accuracy import trained_demo
+
+        return trained_demo(args)
     import torch
 
     import token_prune as tp
@@ -76,6 +80,16 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from token_prune import bench
+
+    try:
+        return bench.run(args)
+    except bench.BenchError as e:
+        print(f"token-prune bench: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="token-prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +107,33 @@ def main(argv=None) -> int:
     demo.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--trained", default=None, metavar="DIR",
+                      help="use the small model trained by train-small-lvlm in DIR on held-out samples of its "
+                           "task, and save a picture of the kept tokens")
+    demo.add_argument("--samples", type=int, default=2, help="--trained: held-out samples to show")
+    demo.add_argument("--picture", default=None, help="--trained: picture path (default: DIR/demo_<method>.png)")
     demo.set_defaults(func=_demo)
+
+    from token_prune.accuracy import add_subcommands as _accuracy_subcommands
+
+    _accuracy_subcommands(sub)  # train-small-lvlm, eval-accuracy
+
+    from token_prune.calibrate_cli import add_subcommands as _calibrate_subcommands
+
+    _calibrate_subcommands(sub)  # calibrate-alvts
+
+    from token_prune.train import add_subcommands as _train_subcommands
+
+    _train_subcommands(sub)  # train-vip, eval-vip (GlimpsePrune stage 1, issue 5)
+
+    from token_prune.bench import add_arguments as _bench_arguments
+
+    bench = sub.add_parser("bench", help="end-to-end latency / memory benchmark on full-size architectures "
+                                         "(random weights; --tiny for a CPU run); see bench/PROFILING.md",
+                           description="Benchmark token_prune's methods end to end. "
+                                       "Same options as `python -m token_prune.bench`.")
+    _bench_arguments(bench)
+    bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     try:

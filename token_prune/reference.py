@@ -9,11 +9,19 @@ that way (do not call ``torch.ops.token_prune`` from here).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["compact_tokens_ref"]
+__all__ = [
+    "compact_tokens_ref",
+    "glimpse_attention_map_ref",
+    "keep_mask_ref",
+    "rope_2d_tables_ref",
+    "scatter_rows_ref",
+    "vip_attention_ref",
+]
 
 
 def _fail(message: str) -> None:
@@ -87,3 +95,230 @@ def compact_tokens_ref(
     if flat_positions:
         positions_out = positions_out.squeeze(0)
     return hidden_out, caches_out, positions_out, mask_out
+
+
+# ---------------------------------------------------------------------------
+# glimpse attention map
+# ---------------------------------------------------------------------------
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def glimpse_attention_map_ref(
+    q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    log_softmax: bool = False,
+) -> torch.Tensor:
+    """Reference for :func:`token_prune._ops.glimpse_attention_map`.
+
+    One query per sample and head against the keys of that sample's visual
+    tokens (GQA: query head ``h`` reads key head ``h // (Hq / Hkv)``).
+
+    * ``q``: ``[B, Hq, d]``, the glimpse token's query *before* rotary.
+    * ``cos``, ``sin``: ``[B, d]``, the rotary tables at the glimpse token's
+      position; the query is rotated as ``q*cos + rotate_half(q)*sin`` in
+      float32 (float64 for float64 inputs), not rounded.
+    * ``keys``: ``[B, Hkv, S, d]``, rotated keys (a layer's KV cache).
+    * ``cu_seqlens``: int ``[B + 1]``; sample ``b``'s visual tokens are
+      entries ``cu[b]:cu[b+1]`` of ``positions``.
+    * ``positions``: int ``[N_v]``, each visual token's index into ``S``.
+    * ``key_mask``: ``[B, S]`` (nonzero = real key) or None (all real); only
+      read in log-softmax mode.
+    * ``scale``: defaults to ``1/sqrt(d)``.
+    * ``log_softmax``: False: scaled logits ``q.k * scale``. True: their
+      log-softmax over all real keys of the sample (``-inf`` at keys the mask
+      marks as not real).
+
+    Returns float32 ``[N_v, Hq]`` (float64 for float64 ``q``).
+    """
+    if q.dim() != 3 or cos.dim() != 2 or sin.dim() != 2 or keys.dim() != 4:
+        raise RuntimeError("glimpse_attention_map_ref: expected q [B, Hq, d], cos/sin [B, d], keys [B, Hkv, S, d]")
+    batch, heads, dim = q.shape
+    kv_heads, seq = keys.shape[1], keys.shape[2]
+    if heads % kv_heads:
+        raise RuntimeError(f"glimpse_attention_map_ref: {heads} query heads do not split over {kv_heads} key heads")
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    qf = q.to(acc)
+    c, s = cos.to(acc)[:, None, :], sin.to(acc)[:, None, :]
+    q_rot = qf * c + _rotate_half(qf) * s  # [B, Hq, d]
+    k = keys.to(acc).repeat_interleave(heads // kv_heads, dim=1)  # [B, Hq, S, d]
+    logits = (q_rot[:, :, None, :] @ k.transpose(-1, -2))[:, :, 0, :] * scale  # [B, Hq, S]
+    if log_softmax:
+        real = torch.ones(batch, seq, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+        logits = logits.masked_fill(~real[:, None, :], float("-inf")).log_softmax(-1)
+        # A sample with no real key at all gives NaN rows; its (padding) keys are -inf.
+        logits = logits.masked_fill(~real[:, None, :], float("-inf"))
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if len(cu) != batch + 1:
+        raise RuntimeError(f"glimpse_attention_map_ref: cu_seqlens must have B + 1 = {batch + 1} entries, got {len(cu)}")
+    out = logits.new_empty((positions.shape[0], heads))
+    for b in range(batch):
+        pos = positions[cu[b]:cu[b + 1]].long()
+        out[cu[b]:cu[b + 1]] = logits[b][:, pos].transpose(0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# VIP conditional attention
+# ---------------------------------------------------------------------------
+
+
+def rope_2d_tables_ref(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin ``[N, head_dim]`` of the VIP's 2D RoPE (the Qwen ViT convention).
+
+    ``half = head_dim / 2``; ``inv_freq = 1 / theta^(arange(0, half, 2) / half)``;
+    angles ``[row * inv_freq, col * inv_freq]``; tables cos/sin of
+    ``[angles, angles]``.
+    """
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=dtype, device=positions.device) / half))
+    row = positions[:, 0].to(dtype)
+    col = positions[:, 1].to(dtype)
+    angles = torch.cat([row[:, None] * inv_freq, col[:, None] * inv_freq], dim=-1)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def vip_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    theta: float = 10000.0,
+) -> torch.Tensor:
+    """Reference for :func:`token_prune._ops.vip_attention`.
+
+    * ``q``, ``k``: ``[N, H, D]`` before rotary (``D`` divisible by 4);
+      ``v``: ``[N, H, Dv]``; one dtype.
+    * ``positions``: int ``[N, 2]``, each token's (row, col) on its image.
+    * ``cu_seqlens``: int ``[n_images + 1]``; image ``i`` owns tokens
+      ``cu[i]:cu[i+1]`` and attends only within them, bidirectionally.
+    * ``max_seqlen``: unused here (the kernels size their grid with it).
+    * ``scale``: defaults to ``1/sqrt(D)``.
+
+    q and k are rotated by the 2D RoPE of :func:`rope_2d_tables_ref` in
+    float32 (float64 for float64 inputs) and rounded back to their dtype, as
+    the VIP module does; attention then runs per image through
+    ``scaled_dot_product_attention`` in the input dtype. Returns
+    ``[N, H, Dv]`` in ``q``'s dtype.
+    """
+    del max_seqlen
+    n, heads, dim = q.shape
+    if dim % 4:
+        raise RuntimeError(f"vip_attention_ref: q/k head dim must be divisible by 4, got {dim}")
+    acc = torch.promote_types(q.dtype, torch.float32)
+    cos, sin = rope_2d_tables_ref(positions, dim, theta, acc)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rope(x):
+        xf = x.to(acc)
+        return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+    qr, kr = rope(q), rope(k)
+    out = v.new_empty((n, heads, v.shape[2]))
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    for i in range(len(cu) - 1):
+        sl = slice(cu[i], cu[i + 1])
+        if cu[i + 1] == cu[i]:
+            continue
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qr[sl].transpose(0, 1), kr[sl].transpose(0, 1), v[sl].transpose(0, 1), scale=scale)
+        out[sl] = o.transpose(0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# keep rule
+# ---------------------------------------------------------------------------
+
+
+def keep_mask_ref(
+    scores: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    threshold: float = 0.5,
+    max_keep_ratio: float | None = None,
+    min_keep: int = 1,
+    keep_ratio: float | None = None,
+    scores_are_logits: bool = True,
+) -> torch.Tensor:
+    """Reference for :func:`token_prune._ops.keep_mask`: GlimpsePrune's keep
+    rule, image by image (image ``i`` = entries ``cu[i]:cu[i+1]``).
+
+    ``p = sigmoid(scores.float())`` (or ``scores.float()``). Threshold mode:
+    keep ``p > threshold``; if ``max_keep_ratio`` is set and more than
+    ``cap = int(max_keep_ratio * n)`` pass, keep the top ``cap``; if fewer
+    than ``min(n, min_keep)`` are kept, keep that many top-scored. Ratio mode
+    (``keep_ratio`` set): exactly the top ``min(n, ceil(keep_ratio*n - 1e-9))``.
+    "Top" is a stable descending sort: ties go to the earlier token, NaN
+    ranks above everything. Returns bool ``[N]``.
+    """
+    probs = torch.sigmoid(scores.float()) if scores_are_logits else scores.float()
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    for i in range(len(cu) - 1):
+        start, n = cu[i], cu[i + 1] - cu[i]
+        if n <= 0:
+            continue
+        p = probs[start:start + n]
+        order = torch.sort(p, descending=True, stable=True).indices
+        if keep_ratio is not None:
+            k = min(n, math.ceil(keep_ratio * n - 1e-9))
+            sel = torch.zeros(n, dtype=torch.bool, device=p.device)
+            sel[order[:k]] = True
+        else:
+            sel = p > threshold
+            count = int(sel.sum())
+            if max_keep_ratio is not None:
+                cap = int(max_keep_ratio * n)
+                if count > cap:
+                    sel = torch.zeros_like(sel)
+                    sel[order[:cap]] = True
+                    count = cap
+            floor = min(n, min_keep)
+            if count < floor:
+                sel[order[:floor]] = True
+        keep[start:start + n] = sel
+    return keep
+
+
+# ---------------------------------------------------------------------------
+# skip-and-merge scatter
+# ---------------------------------------------------------------------------
+
+
+def scatter_rows_ref(
+    full: torch.Tensor,
+    packed: torch.Tensor,
+    index: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference for :func:`token_prune._ops.scatter_rows`.
+
+    ``out = full`` (a new contiguous tensor), then for every ``index[b, j] >= 0``:
+    ``out[b, index[b, j]] = packed[b, j]`` (``+ residual[b, j]``, added in the
+    tensors' dtype). Shapes: ``full`` ``[B, S, H]``, ``packed`` and
+    ``residual`` ``[B, S', H]``, ``index`` int ``[B, S']``; the non-negative
+    entries of one sample must be distinct and below ``S``.
+    """
+    if full.dim() != 3 or packed.dim() != 3 or index.dim() != 2:
+        raise RuntimeError("scatter_rows_ref: expected full [B, S, H], packed [B, S', H], index [B, S']")
+    out = full.clone(memory_format=torch.contiguous_format)
+    rows = packed if residual is None else packed + residual
+    ok = index >= 0
+    b = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(index)
+    out[b[ok], index[ok].long()] = rows[ok]
+    return out

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _ops
 from ._ops import compact_tokens
 
 
@@ -77,7 +78,16 @@ def keep_mask_from_scores(
     Returns:
         [N] bool keep mask. Ties are broken towards the earlier token, so the rule is
         deterministic.
+
+    On a GPU (compiled kernels loaded) the rule runs as one ``keep_mask`` kernel over all
+    images, with no host synchronization and bit-identical results.
     """
+    if _ops.kernels_active(scores.device):
+        return _ops.keep_mask(
+            scores.detach(), _ops.cu_seqlens_from_sizes(sizes, scores.device), threshold=threshold,
+            max_keep_ratio=max_keep_ratio, min_keep=min_keep, keep_ratio=keep_ratio,
+            scores_are_logits=scores_are_logits,
+        )
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     probs = torch.sigmoid(scores.float()) if scores_are_logits else scores.float()
     start = 0

@@ -1,8 +1,9 @@
 """GlimpsePrune's learned parts: glimpse embeddings and the visual token
 importance predictor (VIP).
 
-This module is self-contained (no imports from the rest of ``token_prune``) so
-it can be used, tested and serialised on its own. Submodule names follow the
+This module is self-contained (no imports from the rest of ``token_prune``,
+except a lazy, optional one of the fused CUDA attention kernel) so it can be
+used, tested and serialised on its own. Submodule names follow the
 public GlimpsePrune checkpoint so state dicts are interchangeable with it:
 
 * ``GlimpseEmbedding`` - one learned vector per decoder layer, passed through
@@ -413,10 +414,16 @@ class _CondAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, lengths: List[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, cos: Optional[torch.Tensor],
+                sin: Optional[torch.Tensor], lengths: List[int], fused=None) -> torch.Tensor:
         n = x.shape[0]
         qk_in = torch.cat([x, cond], dim=-1)
+        if fused is not None:
+            # The fused kernel rotates q/k itself (2D RoPE from int positions).
+            out = fused(self.q_proj(qk_in).view(n, self.num_heads, -1),
+                        self.k_proj(qk_in).view(n, self.num_heads, -1),
+                        self.v_proj(x).view(n, self.num_heads, -1))
+            return self.o_proj(out.reshape(n, -1))
         q = apply_rope(self.q_proj(qk_in).view(n, self.num_heads, -1), cos, sin)
         k = apply_rope(self.k_proj(qk_in).view(n, self.num_heads, -1), cos, sin)
         v = self.v_proj(x).view(n, self.num_heads, -1)
@@ -454,8 +461,8 @@ class _VIPBlock(nn.Module):
         self.attn = _CondAttention(cfg.hidden_size, cfg.cond_size, cfg.num_heads)
         self.mlp = _MLP(cfg.hidden_size, cfg.mlp_ratio * cfg.hidden_size)
 
-    def forward(self, x, cond, cos, sin, lengths):
-        x = x + self.attn(self.norm1(x), cond, cos, sin, lengths)
+    def forward(self, x, cond, cos, sin, lengths, fused=None):
+        x = x + self.attn(self.norm1(x), cond, cos, sin, lengths, fused)
         return x + self.mlp(self.norm2(x))
 
 
@@ -563,7 +570,11 @@ class VIP(nn.Module):
         out_dtype = torch.promote_types(dtype, torch.float32)
         if n == 0:
             return torch.zeros(0, dtype=out_dtype, device=device)
-        if positions is None:
+        fused = _fused_attention(self, device, dtype, positions, grid if positions is None else None, lengths,
+                                 (attn_map, *conditions))
+        if fused is not None:
+            cos = sin = None  # the kernel builds the rotary angles itself
+        elif positions is None:
             cos, sin = rope_2d_cos_sin(grid, cfg.qk_head_dim, cfg.rope_theta,
                                        device=device, dtype=out_dtype)
         else:
@@ -573,8 +584,36 @@ class VIP(nn.Module):
         x = self.attn_in_proj(attn_map.to(device=device, dtype=dtype))
         for block, proj, v_m in zip(self.layers, self.cond_in_projs, conditions):
             cond = proj(v_m.to(device=device, dtype=dtype))
-            x = block(x, cond, cos, sin, lengths)
+            x = block(x, cond, cos, sin, lengths, fused)
         return self.attn_out_projs[-1](x).squeeze(-1).to(out_dtype)
+
+
+def _fused_attention(vip: "VIP", device: torch.device, dtype: torch.dtype,
+                     positions: Optional[torch.Tensor], grid: Optional[List[Tuple[int, int]]],
+                     lengths: List[int], inputs: Sequence[torch.Tensor]):
+    """The fused CUDA attention (``token_prune._ops.vip_attention``) bound to this call's
+    layout, when it applies: CUDA tensors in bfloat16/float16 with the compiled kernels
+    loaded and enabled (CPU tensors only inside ``_ops.use_kernels(on_cpu=True)``, which
+    tests use), and no gradient wanted (the kernel has no backward). Imported lazily so
+    this module still works on its own."""
+    try:
+        from . import _ops
+    except ImportError:  # used outside the package
+        return None
+    if not _ops.kernels_active(device, *inputs, *vip.parameters()):
+        return None
+    if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
+        return None
+    cfg = vip.config
+    pos = positions_from_grid(grid, device=device) if positions is None else positions.to(device)
+    pos = pos.to(torch.int32)
+    cu = _ops.cu_seqlens_from_sizes(lengths, device)
+    longest = max(lengths)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _ops.vip_attention(q, k, v, pos, cu, longest, theta=cfg.rope_theta)
+
+    return attend
 
 
 # --------------------------------------------------------------------------

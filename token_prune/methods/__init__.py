@@ -5,11 +5,13 @@ from __future__ import annotations
 from .alvts import ALVTS
 from .fastv import FastV
 from .glimpse import GlimpsePrune
+from .random_prune import RandomPrune
 
 METHODS = {
     GlimpsePrune.name: GlimpsePrune,
     FastV.name: FastV,
     ALVTS.name: ALVTS,
+    RandomPrune.name: RandomPrune,
 }
 
 
@@ -25,4 +27,4 @@ def method_class(name):
     return METHODS[name]
 
 
-__all__ = ["METHODS", "method_class", "supported_methods", "GlimpsePrune", "FastV", "ALVTS"]
+__all__ = ["METHODS", "method_class", "supported_methods", "GlimpsePrune", "FastV", "ALVTS", "RandomPrune"]

@@ -26,6 +26,8 @@ import weakref
 
 import torch
 
+from .. import nvtx
+from .. import _ops
 from ..runtime import PrefillResult, causal_mask, compact_batch
 from .glimpse import _check_fraction
 
@@ -206,9 +208,14 @@ def topk_per_image(scores: torch.Tensor, visual: torch.Tensor, sizes: list[int],
     return sel
 
 
-def scatter_rows(full: torch.Tensor, packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def scatter_rows(full: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Write rows of ``packed`` [B, S', H] into a copy of ``full`` [B, S, H] at ``index`` [B, S']
-    (original positions, -1 for padding slots, which are skipped)."""
+    (original positions, -1 for padding slots, which are skipped).
+
+    On a GPU this is the ``scatter_rows`` kernel; with ``inplace`` it may write into ``full``
+    itself (then only the packed rows move; the caller must own ``full``)."""
+    if _ops.kernels_active(full.device, full, packed):
+        return _ops.scatter_rows(full, packed, index, inplace=inplace)
     out = full.clone()
     ok = index >= 0
     rows = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(index)
@@ -283,27 +290,34 @@ class ALVTS:
         layer_masks, processed = [], []
         # [layers] of [B, S] bool: the prompt tokens each layer processed (for stats, plots, tests).
         self.last_processed = []
+        owned = False  # whether `hidden` is a tensor of this prefill (not the caller's), so it may be updated in place
         for i, layer in enumerate(layers):
             if i < self.start_layer:
                 self.last_processed.append(full_valid.clone())
                 hidden = layer(hidden, attention_mask=full_mask, position_embeddings=(cos, sin),
                                position_ids=batch.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
+                owned = True
                 layer_masks.append(full_valid.long())
                 processed.append(batch.visual.sum(1))
                 continue
-            q, k = self.selector.qk(adapter, i, hidden, cos, sin)
-            scores = selection_scores(q, k, full_valid, batch.visual)
-            sel = topk_per_image(scores, batch.visual, sizes, self.keep_ratio)
-            keep = full_valid & (~batch.visual | sel)
+            with nvtx.range("alvts.select"):
+                q, k = self.selector.qk(adapter, i, hidden, cos, sin)
+                scores = selection_scores(q, k, full_valid, batch.visual)
+                sel = topk_per_image(scores, batch.visual, sizes, self.keep_ratio)
+                keep = full_valid & (~batch.visual | sel)
             self.last_processed.append(keep)
             batch.hidden = hidden
-            sub, _ = compact_batch(batch, keep, [])
-            mask2d = sub.mask2d if not bool(sub.mask2d.bool().all()) else None
-            mask = causal_mask(lm.config, sub.hidden, mask2d)
-            scos, ssin = adapter.rotary(sub.hidden, sub.pos)
-            out = layer(sub.hidden, attention_mask=mask, position_embeddings=(scos, ssin), position_ids=sub.text_pos,
-                        past_key_values=cache, use_cache=use_cache, **kwargs)
-            hidden = scatter_rows(hidden, out, sub.index)
+            with nvtx.range("alvts.compact"):
+                sub, _ = compact_batch(batch, keep, [])
+                mask2d = sub.mask2d if not bool(sub.mask2d.bool().all()) else None
+                mask = causal_mask(lm.config, sub.hidden, mask2d)
+                scos, ssin = adapter.rotary(sub.hidden, sub.pos)
+            with nvtx.range("alvts.layer"):
+                out = layer(sub.hidden, attention_mask=mask, position_embeddings=(scos, ssin), position_ids=sub.text_pos,
+                            past_key_values=cache, use_cache=use_cache, **kwargs)
+            with nvtx.range("alvts.merge"):
+                hidden = scatter_rows(hidden, out, sub.index, inplace=owned)
+                owned = True
             layer_masks.append(sub.valid.long())
             processed.append(sel.sum(1))
         batch.hidden = hidden

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .. import nvtx
 from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores, run_layers, sample_stats
 from .glimpse import _check_fraction
 
@@ -68,34 +69,38 @@ class FastV:
         mask = causal_mask(lm.config, hidden, batch.mask2d)
         cos, sin = adapter.rotary(hidden, batch.pos)
         h_in = None
-        for i in range(K + 1):
-            if i == K:
-                h_in = hidden
-            hidden = layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=batch.text_pos,
-                               past_key_values=cache, use_cache=use_cache, **kwargs)
+        with nvtx.range("fastv.layers_0_K"):
+            for i in range(K + 1):
+                if i == K:
+                    h_in = hidden
+                hidden = layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin),
+                                   position_ids=batch.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
 
         # Attention of the last prompt token (it sees every real token) at layer K.
-        q, _ = adapter.project_qk(K, h_in[:, -1:], cos[:, -1:], sin[:, -1:], want_k=False)
-        if cache is not None:
-            keys = cache.layers[K].keys
-        else:
-            _, keys = adapter.project_qk(K, h_in, cos, sin)
-        keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
-        acc = torch.promote_types(q.dtype, torch.float32)
-        logits = (q.to(acc) @ keys.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        logits = logits.masked_fill(~batch.valid[:, None, None, :], float("-inf"))
-        probs = logits.softmax(-1).mean(1)[:, 0]  # [B, S], head-averaged
-        scores = probs[batch.visual]
-        sizes = image_sizes_from_runs(batch.visual, getattr(rt.ctx, "image_sizes", None))
-        keep_vis = keep_mask_from_scores(scores, sizes, keep_ratio=self.keep_ratio, scores_are_logits=False)
+        with nvtx.range("fastv.score"):
+            q, _ = adapter.project_qk(K, h_in[:, -1:], cos[:, -1:], sin[:, -1:], want_k=False)
+            if cache is not None:
+                keys = cache.layers[K].keys
+            else:
+                _, keys = adapter.project_qk(K, h_in, cos, sin)
+            keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+            acc = torch.promote_types(q.dtype, torch.float32)
+            logits = (q.to(acc) @ keys.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            logits = logits.masked_fill(~batch.valid[:, None, None, :], float("-inf"))
+            probs = logits.softmax(-1).mean(1)[:, 0]  # [B, S], head-averaged
+            scores = probs[batch.visual]
+            sizes = image_sizes_from_runs(batch.visual, getattr(rt.ctx, "image_sizes", None))
+            keep_vis = keep_mask_from_scores(scores, sizes, keep_ratio=self.keep_ratio, scores_are_logits=False)
         keep = batch.valid & ~batch.visual
         keep[batch.visual] = keep_vis
 
         batch.hidden = hidden
-        short, _ = compact_batch(batch, keep, [])
-        if short.mask2d is not None and bool(short.mask2d.bool().all()):
-            short.mask2d = None
-        hidden = run_layers(rt, lm, short, range(K + 1, len(layers)), cache, use_cache, kwargs)
+        with nvtx.range("fastv.compact"):
+            short, _ = compact_batch(batch, keep, [])
+            if short.mask2d is not None and bool(short.mask2d.bool().all()):
+                short.mask2d = None
+        with nvtx.range("fastv.layers_K1_L"):
+            hidden = run_layers(rt, lm, short, range(K + 1, len(layers)), cache, use_cache, kwargs)
         short.hidden = hidden
         full_mask, short_mask = batch.valid.long(), short.valid.long()
         layer_masks = [full_mask] * (K + 1) + [short_mask] * (len(layers) - K - 1)

@@ -25,8 +25,10 @@ import warnings
 
 import torch
 
+from .. import nvtx
 from ..runtime import (PrefillResult, TokenBatch, causal_mask, compact_batch, keep_mask_from_scores, run_layers,
                        sample_stats)
+from .. import _ops
 from ..vip import GlimpseConfig, GlimpseModules
 
 
@@ -38,6 +40,23 @@ def _check_fraction(name, value, low_open=True):
     ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
     if not ok:
         raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+
+
+def _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, ext, vis_idx, log_softmax):
+    """The glimpse attention map [N, heads] through the fused ``glimpse_attention_map`` kernel:
+    the glimpse query of layer K before rotary (the kernel rotates it) against the layer's
+    rotated keys, GQA heads shared, visual tokens given as ``vis_idx`` [N, 2] (sample, position)."""
+    layer = adapter.lm.layers[K]
+    B = h_in_k.shape[0]
+    q = layer.self_attn.q_proj(layer.input_layernorm(h_in_k[:, -1:])).view(B, -1, adapter.head_dim)
+    if cache is not None:
+        keys = cache.layers[K].keys
+    else:
+        _, keys = adapter.project_qk(K, h_in_k, cos, sin)
+    counts = torch.bincount(vis_idx[:, 0], minlength=B)
+    cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return _ops.glimpse_attention_map(q, cos[:, -1], sin[:, -1], keys, cu, vis_idx[:, 1],
+                                      ext.valid if log_softmax else None, log_softmax=log_softmax)
 
 
 class GlimpsePrune:
@@ -163,27 +182,35 @@ class GlimpsePrune:
         cos, sin = adapter.rotary(hidden, pos)
         layers = lm.layers
         h_in_k = None
-        for i in range(K + 1):
-            if i > 0:
-                hidden[:, -1] += gvec[i]
-            if i == K:
-                h_in_k = hidden
-            hidden = layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=text_pos,
-                               past_key_values=cache, use_cache=use_cache, **kwargs)
+        with nvtx.range("glimpse.layers_0_K"):
+            for i in range(K + 1):
+                if i > 0:
+                    hidden[:, -1] += gvec[i]
+                if i == K:
+                    h_in_k = hidden
+                hidden = layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=text_pos,
+                                   past_key_values=cache, use_cache=use_cache, **kwargs)
 
         # 2. Glimpse attention map at layer K.
-        q, _ = adapter.project_qk(K, h_in_k[:, -1:], cos[:, -1:], sin[:, -1:], want_k=False)
-        if cache is not None:
-            keys = cache.layers[K].keys
-        else:
-            _, keys = adapter.project_qk(K, h_in_k, cos, sin)
-        groups = q.shape[1] // keys.shape[1]
-        keys = keys.repeat_interleave(groups, dim=1)
-        acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32 for the dot products
-        scores = (q.to(acc) @ keys.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, heads, 1, S+1]
-        if mods.config.glimpse_score == "log_softmax":
-            scores = scores.masked_fill(~ext.valid[:, None, None, :], float("-inf")).log_softmax(-1)
-        attn_map = scores[:, :, 0, :S].transpose(1, 2)[batch.visual]  # [N, heads]
+        # On a GPU: the fused kernel, with the visual tokens as (sample, position) pairs.
+        vis_idx = batch.visual.nonzero() if _ops.kernels_active(dev, h_in_k) else None  # [N, 2]
+        with nvtx.range("glimpse.map"):
+            if vis_idx is not None:
+                attn_map = _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, ext, vis_idx,
+                                              mods.config.glimpse_score == "log_softmax")
+            else:
+                q, _ = adapter.project_qk(K, h_in_k[:, -1:], cos[:, -1:], sin[:, -1:], want_k=False)
+                if cache is not None:
+                    keys = cache.layers[K].keys
+                else:
+                    _, keys = adapter.project_qk(K, h_in_k, cos, sin)
+                groups = q.shape[1] // keys.shape[1]
+                keys = keys.repeat_interleave(groups, dim=1)
+                acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32 for the dot products
+                scores = (q.to(acc) @ keys.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, heads, 1, S+1]
+                if mods.config.glimpse_score == "log_softmax":
+                    scores = scores.masked_fill(~ext.valid[:, None, None, :], float("-inf")).log_softmax(-1)
+                attn_map = scores[:, :, 0, :S].transpose(1, 2)[batch.visual]  # [N, heads]
 
         # 3. VIP logits and the keep rule, per image.
         layout = ctx.image_grids  # grids [n_images, 2], or (positions [N, 2], tokens per image)
@@ -197,27 +224,33 @@ class GlimpsePrune:
             raise RuntimeError(f"token_prune: {n_vis} image tokens in the prompt but the image grids give {sum(sizes)}")
         wdtype = next(mods.parameters()).dtype
         conds = [c.to(wdtype) for c in ctx.vision_features]
-        logits = mods.vip(attn_map.to(wdtype), conds, **where)
-        keep_vis = keep_mask_from_scores(
-            logits, sizes, threshold=self.threshold, max_keep_ratio=self.max_keep_ratio,
-            min_keep=self.min_keep, keep_ratio=self.keep_ratio,
-        )
+        with nvtx.range("glimpse.vip"):
+            logits = mods.vip(attn_map.to(wdtype), conds, **where)
+            keep_vis = keep_mask_from_scores(
+                logits, sizes, threshold=self.threshold, max_keep_ratio=self.max_keep_ratio,
+                min_keep=self.min_keep, keep_ratio=self.keep_ratio,
+            )
         keep = ext.valid & ~ext.visual
-        keep[:, :S][batch.visual] = keep_vis
+        if vis_idx is not None:
+            keep[vis_idx[:, 0], vis_idx[:, 1]] = keep_vis  # no host sync
+        else:
+            keep[:, :S][batch.visual] = keep_vis
         keep[:, -1] = False
 
         # 4. Compact hidden states and the cache of layers 0..K; run the rest on the short sequence.
         ext.hidden = hidden
-        caches = []
-        if cache is not None:
-            for i in range(K + 1):
-                caches += [cache.layers[i].keys, cache.layers[i].values]
-        short, caches = compact_batch(ext, keep, caches)
-        if cache is not None:
-            for i in range(K + 1):
-                cache.layers[i].keys, cache.layers[i].values = caches[2 * i], caches[2 * i + 1]
-        if short.mask2d is not None and bool(short.mask2d.bool().all()):
-            short.mask2d = None
-        hidden = run_layers(rt, lm, short, range(K + 1, len(layers)), cache, use_cache, kwargs)
+        with nvtx.range("glimpse.compact"):
+            caches = []
+            if cache is not None:
+                for i in range(K + 1):
+                    caches += [cache.layers[i].keys, cache.layers[i].values]
+            short, caches = compact_batch(ext, keep, caches)
+            if cache is not None:
+                for i in range(K + 1):
+                    cache.layers[i].keys, cache.layers[i].values = caches[2 * i], caches[2 * i + 1]
+            if short.mask2d is not None and bool(short.mask2d.bool().all()):
+                short.mask2d = None
+        with nvtx.range("glimpse.layers_K1_L"):
+            hidden = run_layers(rt, lm, short, range(K + 1, len(layers)), cache, use_cache, kwargs)
         short.hidden = hidden
         return PrefillResult(hidden, short, sample_stats(batch, keep_vis, sizes))

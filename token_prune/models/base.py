@@ -14,6 +14,7 @@ import weakref
 
 import torch
 
+from .. import nvtx
 from ..runtime import CallContext, PrunedCacheState, TokenBatch, decode_mask
 
 
@@ -293,7 +294,8 @@ class Runtime:
             index = torch.where(mask2d.bool(), index, torch.full_like(index, -1))
         batch = TokenBatch(inputs_embeds, pos, text_pos, mask2d, index, visual.to(dev))
 
-        res = self.method.prefill(self, lm, batch, cache, use_cache, kwargs)
+        with nvtx.range("token_prune.prefill"):
+            res = self.method.prefill(self, lm, batch, cache, use_cache, kwargs)
         hidden = lm.norm(res.hidden)
         out = res.batch
         # Which prompt positions reach the output, in the caller's [B, S] coordinates.
@@ -333,11 +335,12 @@ class Runtime:
         cos, sin = self.adapter.rotary(inputs_embeds, pos)
         impl = lm.config._attn_implementation
         hidden = inputs_embeds
-        for i, layer in enumerate(lm.layers):
-            m2d = self.pruned.layer_mask(i, attention_mask, q, cache.layers[i].get_seq_length())
-            mask = decode_mask(impl, m2d, q, hidden.dtype)
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=text_pos,
-                           past_key_values=cache, use_cache=use_cache, **kwargs)
+        with nvtx.range("token_prune.layerwise_decode"):
+            for i, layer in enumerate(lm.layers):
+                m2d = self.pruned.layer_mask(i, attention_mask, q, cache.layers[i].get_seq_length())
+                mask = decode_mask(impl, m2d, q, hidden.dtype)
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=text_pos,
+                               past_key_values=cache, use_cache=use_cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden), past_key_values=cache)
 
 
