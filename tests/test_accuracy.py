@@ -153,7 +153,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_checkpoint(trained)
 
 
 def test_eval_accuracy_end_to_end_writes_json_md_png(trained, tmp_path):
-    rep = eval_accuracy(trained, out_dir=tmp_path, name="acc", samples=6, pictures=1, progress=False,
+    eval_accuracy(trained, out_dir=tmp_path, name="acc", samples=6, pictures=1, progress=False,
                         log=lambda *a: None)
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"acc.{ext}").stat().st_size > 100
@@ -162,7 +162,8 @@ def test_eval_accuracy_end_to_end_writes_json_md_png(trained, tmp_path):
     for k in ("unpatched", "glimpse_threshold", "alvts_cal@0.111", "alvts_svd@0.333", "fastv@0.222", "random@0.111"):
         assert k in keys
     by = {r["key"]: r for r in data["results"]}
-    assert by["unpatched"]["keep_ratio"] == 1.0
+    assert by["unpatched"]["keep_ratio"] == 1.0 and by["unpatched"]["box_hit"] == 1.0
+    assert 0.0 <= by["random@0.111"]["box_hit"] <= 1.0 and by["alvts_fullrank@0.111"]["status"] == "ok"
     for r in data["results"]:
         if r["status"] == "ok":
             assert 0.0 <= r["accuracy"] <= 1.0

@@ -16,14 +16,26 @@ Three steps, each a function and a CLI subcommand:
 * ``--pictures N``: per held-out sample one PNG with, per method, the image and its token grid,
   pruned cells dimmed (ALVTS: shaded by the fraction of layers that processed each token).
 
-Presets (``PRESETS``): ``cpu`` trains in a few minutes on two CPU cores; ``h100`` is the larger
-setting for one H100 (bf16, under 15 minutes); ``test`` is a seconds-long smoke configuration.
+Presets (``PRESETS``):
+
+* ``cpu``: 96 px images, 36 visual tokens, grid-aligned objects, colour and shape questions,
+  0.38M parameters; 4000 steps of 16, 5-15 minutes on one CPU core depending on load (about
+  0.1-0.2 s a step). ``--threads 1``: on a busy two-core machine more threads make it slower.
+* ``h100``: 448-896 px images (256-1024 visual tokens), free placement, all six question types,
+  bf16, progressive resizing from 224-336 px, 12 data workers; sized for under 15 minutes on one
+  H100 but not yet run on one (see the README).
+* ``test``: 64 px images, a 3-layer LLM; seconds, for the test suite.
+
+What made a from-scratch model learn this quickly (found with trial runs while choosing the
+CPU preset): weight init ~1/sqrt(width) instead of HF's 0.02; questions ending in the word that
+picks the region; few visual tokens per object (alignment to the token grid) and few tokens
+overall; a curriculum with single-object images. Before these the loss sat at the answer prior
+for thousands of steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -31,7 +43,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +124,14 @@ class TrainSpec:
 class EvalSpec:
     samples: int = 500
     batch_size: int = 50
-    vip_layer: int = 2
+    #: K of the main GlimpsePrune rows (None: the package's default for this depth, ~0.64 L)
+    vip_layer: int | None = None
+    #: more K values, each with its own VIP and a threshold-rule row (e.g. FastV's layer)
+    extra_vip_layers: tuple[int, ...] = (2,)
     vip_rows: int = 2000
-    vip_steps: int = 300
+    vip_steps: int = 400
     vip_batch_size: int = 8
-    vip_lr: float = 1e-3
+    vip_lr: float = 2e-3
     vip_objective: str = "mask"
     alvts_samples: int = 32
     alvts_steps: int = 60
@@ -141,7 +156,14 @@ class Preset:
     @classmethod
     def from_dict(cls, d: dict) -> "Preset":
         return cls(name=d["name"], description=d.get("description", ""), task=TaskConfig.from_dict(d["task"]),
-                   model=ModelSpec(**d["model"]), train=_train_spec(d["train"]), eval=EvalSpec(**d["eval"]))
+                   model=ModelSpec(**d["model"]), train=_train_spec(d["train"]), eval=_eval_spec(d["eval"]))
+
+
+def _eval_spec(d: dict) -> EvalSpec:
+    d = dict(d)
+    if "extra_vip_layers" in d:
+        d["extra_vip_layers"] = tuple(d["extra_vip_layers"])
+    return EvalSpec(**d)
 
 
 def _train_spec(d: dict) -> TrainSpec:
@@ -154,11 +176,11 @@ def _train_spec(d: dict) -> TrainSpec:
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
-        description="96x96 px images (6x6 = 36 visual tokens; every object fills one token cell, so an "
-                    "answer region is 1/36 of the image), 6-layer 64-wide LLM, 4-block 32-wide ViT "
-                    "(0.38M parameters); about 10 minutes on one CPU core",
+        description="96x96 px images (6x6 = 36 visual tokens; every object fills one token cell, so the "
+                    "answer region is 1/36 of the image), color and shape questions, 6-layer 64-wide LLM, "
+                    "4-block 32-wide ViT (0.38M parameters)",
         task=TaskConfig(image_sizes=(96, 96), unit=16, object_size=(14, 14), objects=(2, 4), align=True,
-                        tasks=(("color", 1.0), ("shape", 1.0), ("letter", 1.0)),
+                        tasks=(("color", 1.0), ("shape", 1.0)),
                         colors=6, shapes=5, letters=6, words=8, max_count=3, letter_scale=0.75, noise=4.0),
         model=ModelSpec(hidden_size=64, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=192,
                         vision_hidden_size=32, vision_depth=4, vision_heads=2, vision_intermediate_size=64,
@@ -170,7 +192,8 @@ PRESETS: dict[str, Preset] = {
     "h100": Preset(
         name="h100",
         description="448-896 px images (16x16 to 32x32 = 256-1024 visual tokens), all six question types, "
-                    "8-layer 384-wide LLM, 8-block ViT, bf16; under 15 minutes on one H100",
+                    "8-layer 384-wide LLM, 8-block ViT, bf16; sized for under 15 minutes on one H100 "
+                    "(not yet run on a GPU)",
         task=TaskConfig(image_sizes=(448, 896), unit=28, object_size=(36, 56), objects=(4, 7),
                         colors=8, shapes=7, letters=26, words=16, max_count=4, noise=4.0),
         model=ModelSpec(hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2, intermediate_size=1152,
@@ -179,7 +202,7 @@ PRESETS: dict[str, Preset] = {
         train=TrainSpec(steps=4000, batch_size=64, lr=1e-3, warmup=200, bf16=True, eval_every=500,
                         eval_samples=512, easy_steps=2000, easy_start=0.7, easy_end=0.1,
                         easy_image_sizes=(224, 336), num_workers=12),
-        eval=EvalSpec(samples=1000, batch_size=32, vip_layer=2, vip_rows=8000, vip_steps=1000, vip_batch_size=16,
+        eval=EvalSpec(samples=1000, batch_size=32, vip_rows=8000, vip_steps=1000, vip_batch_size=16,
                       alvts_samples=64, alvts_steps=100),
     ),
     "test": Preset(
@@ -191,7 +214,8 @@ PRESETS: dict[str, Preset] = {
         model=ModelSpec(hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=64,
                         vision_hidden_size=16, vision_depth=4, vision_heads=1, vision_intermediate_size=32),
         train=TrainSpec(steps=20, batch_size=8, lr=3e-3, warmup=2, eval_every=10, eval_samples=8),
-        eval=EvalSpec(samples=8, batch_size=4, vip_layer=1, vip_rows=8, vip_steps=2, vip_batch_size=4,
+        eval=EvalSpec(samples=8, batch_size=4, vip_layer=1, extra_vip_layers=(), vip_rows=8, vip_steps=2,
+                      vip_batch_size=4,
                       alvts_samples=4, alvts_steps=2, alvts_batch_size=2, fastv_layer=1),
     ),
 }
@@ -418,7 +442,7 @@ def answer_accuracy(model, proc: SmallVLMProcessor, samples: list[Sample], batch
     dtype = next(model.parameters()).dtype
     if max_new_tokens is None:
         max_new_tokens = max(len(tok.encode(s.answer)) for s in samples) + 1
-    correct, keep, per_task = 0, [], {}
+    correct, keep, per_task, hits = 0, [], {}, []
     answers = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
@@ -432,6 +456,11 @@ def answer_accuracy(model, proc: SmallVLMProcessor, samples: list[Sample], batch
                     keep.append(sum(s["processed_ratio"]) / len(s["processed_ratio"]))
                 else:
                     keep.append(s["keep_ratio"])
+            grids = (inputs["image_grid_thw"][:, 1:] // proc.merge).tolist()
+            for b, smp in enumerate(chunk):
+                w = _token_weights(handle, inputs, b)
+                cells = _box_cells(smp.box, *grids[b])
+                hits.append(bool((w[cells] >= 0.5).any()))
             if on_batch is not None:
                 on_batch(chunk, inputs, handle)
         for s, g in zip(chunk, gen):
@@ -443,6 +472,7 @@ def answer_accuracy(model, proc: SmallVLMProcessor, samples: list[Sample], batch
             t[1] += 1
             answers.append(pred)
     return dict(accuracy=correct / len(samples), n=len(samples), keep_ratio=(sum(keep) / len(keep)) if keep else 1.0,
+                box_hit=(sum(hits) / len(hits)) if hits else 1.0,
                 per_task={k: v[0] / v[1] for k, v in sorted(per_task.items())}, answers=answers)
 
 
@@ -583,7 +613,8 @@ def train_small_lvlm(out_dir, preset: str | Preset = "cpu", *, seed: int = 0, st
     tokenizer.save(out_dir)
     summary = dict(preset=p.to_dict(), seed=seed, steps=spec.steps, params=n_params, device=str(dev),
                    torch=torch.__version__, train_seconds=round(elapsed, 1), data_seconds=round(data_s, 1),
-                   final_loss=history[-1]["loss"], loss_first=history[0]["loss"], val_acc=evals[-1][1] if evals else None,
+                   final_loss=history[-1]["loss"], loss_first=history[0]["loss"],
+                   val_acc=evals[-1][1] if evals else None,
                    val_curve=evals, command=command)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(summary, f, indent=2)
@@ -664,6 +695,16 @@ def draw_token_picture(image, grid: tuple[int, int], weight, box=None, title: st
     return out
 
 
+def _box_cells(box, rows: int, cols: int) -> torch.Tensor:
+    """[rows*cols] bool: token cells a normalised box overlaps with positive area (at least its centre's)."""
+    x0, y0, x1, y1 = box
+    c0, r0 = min(cols - 1, int(x0 * cols)), min(rows - 1, int(y0 * rows))
+    c1, r1 = max(c0 + 1, min(cols, math.ceil(x1 * cols - 1e-9))), max(r0 + 1, min(rows, math.ceil(y1 * rows - 1e-9)))
+    m = torch.zeros(rows, cols, dtype=torch.bool)
+    m[r0:r1, c0:c1] = True
+    return m.flatten()
+
+
 def _token_weights(handle, inputs: dict, b: int) -> torch.Tensor:
     """Per visual token of sample ``b`` (prompt order = row-major grid): 1 kept, 0 pruned; ALVTS: the
     fraction of layers that processed it."""
@@ -705,21 +746,40 @@ def _vip_trainer():
     return train_vip
 
 
-def _prepare_vip(model, proc, preset: Preset, seed: int, ckpt: str, log, progress: bool, retrain: bool) -> tuple:
-    """(vip directory or None, note). Trains the VIP with ``train_vip`` unless a matching one is cached."""
+def _with_current_eval(preset: Preset) -> Preset:
+    if preset.name in PRESETS:
+        return dataclasses.replace(preset, eval=PRESETS[preset.name].eval)
+    return preset
+
+
+def vip_layer_of(model, preset: Preset) -> int:
+    """K of the main GlimpsePrune rows: the preset's, else the package default for the model's depth."""
+    if preset.eval.vip_layer is not None:
+        return preset.eval.vip_layer
+    from .models import adapter_for
+
+    return adapter_for(model).default_glimpse_layer()
+
+
+def _prepare_vip(model, proc, preset: Preset, seed: int, ckpt: str, layer: int, log, progress: bool,
+                 retrain: bool) -> tuple:
+    """(VIP directory or None, note). Trains the VIP for layer K with ``train_vip`` unless a matching
+    one is cached in ``ckpt/vip_K<layer>``."""
     train_vip = _vip_trainer()
     if train_vip is None:
         return None, "token_prune.train_vip (issue 5) is not available in this checkout: GlimpsePrune not evaluated"
     e = preset.eval
-    vdir = os.path.join(ckpt, f"vip_K{e.vip_layer}")
-    want = dict(layer=e.vip_layer, rows=e.vip_rows, steps=e.vip_steps, batch_size=e.vip_batch_size, lr=e.vip_lr,
+    vdir = os.path.join(ckpt, f"vip_K{layer}")
+    want = dict(layer=layer, rows=e.vip_rows, steps=e.vip_steps, batch_size=e.vip_batch_size, lr=e.vip_lr,
                 objective=e.vip_objective, seed=seed)
+    note = f"VIP trained by token_prune.train_vip (objective {e.vip_objective}, {e.vip_steps} steps x " \
+           f"{e.vip_batch_size} rows, K={layer})"
     stamp = os.path.join(vdir, "accuracy_vip.json")
     if not retrain and os.path.isfile(stamp):
         with open(stamp) as f:
             if json.load(f).get("args") == want:
                 log(f"using the VIP in {vdir}")
-                return vdir, f"VIP trained by train_vip ({e.vip_objective}, {e.vip_steps} steps, K={e.vip_layer}), cached"
+                return vdir, note
     from .synthetic import write_jsonl
 
     data_dir = os.path.join(ckpt, "vip_data")
@@ -730,16 +790,16 @@ def _prepare_vip(model, proc, preset: Preset, seed: int, ckpt: str, log, progres
         start = 50_000_000
         rows = [make_sample(preset.task, seed, start + i, "train") for i in range(e.vip_rows)]
         jsonl = write_jsonl(rows, data_dir)
-    log(f"training the VIP with token_prune.train_vip: K={e.vip_layer}, objective={e.vip_objective}, "
+    log(f"training the VIP with token_prune.train_vip: K={layer}, objective={e.vip_objective}, "
         f"{e.vip_steps} steps x {e.vip_batch_size} rows")
     t0 = time.perf_counter()
-    res = train_vip(model, jsonl, layer=e.vip_layer, out_dir=vdir, processor=proc, objective=e.vip_objective,
+    res = train_vip(model, jsonl, layer=layer, out_dir=vdir, processor=proc, objective=e.vip_objective,
                     steps=e.vip_steps, batch_size=e.vip_batch_size, lr=e.vip_lr, seed=seed, progress=progress)
     hist = getattr(res, "history", []) or []
     with open(stamp, "w") as f:
         json.dump(dict(args=want, seconds=round(time.perf_counter() - t0, 1),
                        last=hist[-1] if hist else None), f, indent=2)
-    return vdir, f"VIP trained by train_vip ({e.vip_objective}, {e.vip_steps} steps x {e.vip_batch_size}, K={e.vip_layer})"
+    return vdir, note
 
 
 def _prepare_alvts(model, proc, preset: Preset, seed: int, ckpt: str, log, progress: bool, retrain: bool):
@@ -766,25 +826,44 @@ def _prepare_alvts(model, proc, preset: Preset, seed: int, ckpt: str, log, progr
     return sdir
 
 
-def _settings(preset: Preset, keep_ratios, vip_dir, vip_note, selector_dir, methods=None) -> list[dict]:
+def _settings(preset: Preset, keep_ratios, vips: dict, selector_dir, methods=None,
+              hidden: int | None = None) -> list[dict]:
+    """The rows to evaluate. ``vips``: K -> (VIP dir or None, note); the first K is the main one."""
     e = preset.eval
     rows = [dict(key="unpatched", label="unpatched", method=None, options={}, target=1.0)]
-    for r in keep_ratios:
-        rows.append(dict(key=f"glimpse_cap@{r}", label="GlimpsePrune (cap)", method="glimpse",
-                         options=dict(vip=vip_dir, threshold=0.5, max_keep_ratio=r), target=r, note=vip_note))
-    rows.append(dict(key="glimpse_threshold", label="GlimpsePrune (threshold)", method="glimpse",
-                     options=dict(vip=vip_dir, threshold=0.5), target=None, note=vip_note))
+    layers = list(vips)
+    if layers:
+        K = layers[0]
+        vdir, note = vips[K]
+        for r in keep_ratios:
+            rows.append(dict(key=f"glimpse_cap@{r}", label=f"GlimpsePrune K={K} (cap)", method="glimpse",
+                             options=dict(vip=vdir, threshold=0.5, max_keep_ratio=r, layer=K), target=r, note=note))
+        rows.append(dict(key="glimpse_threshold", label=f"GlimpsePrune K={K} (threshold)", method="glimpse",
+                         options=dict(vip=vdir, threshold=0.5, layer=K), target=None, note=note))
+        for K in layers[1:]:
+            vdir, note = vips[K]
+            rows.append(dict(key=f"glimpse_threshold_K{K}", label=f"GlimpsePrune K={K} (threshold)",
+                             method="glimpse", options=dict(vip=vdir, threshold=0.5, layer=K), target=None,
+                             note=note))
     for r in keep_ratios:
         rows.append(dict(key=f"alvts_cal@{r}", label="ALVTS (calibrated)", method="alvts",
                          options=dict(keep_ratio=r, selector=selector_dir), target=r))
     for r in keep_ratios:
         rows.append(dict(key=f"alvts_svd@{r}", label="ALVTS (SVD only)", method="alvts",
                          options=dict(keep_ratio=r), target=r))
+    # Diagnostics: what the low rank costs (exact q/k), and what selecting at layer 0 costs.
+    if hidden:
+        for r in keep_ratios:
+            rows.append(dict(key=f"alvts_fullrank@{r}", label="ALVTS full-rank q/k (diagnostic)", method="alvts",
+                             options=dict(keep_ratio=r, rank=hidden), target=r))
     for r in keep_ratios:
-        rows.append(dict(key=f"fastv@{r}", label=f"FastV (K={e.fastv_layer})", method="fastv",
+        rows.append(dict(key=f"alvts_cal_from1@{r}", label="ALVTS calibrated, layer 0 unpruned (diagnostic)",
+                         method="alvts", options=dict(keep_ratio=r, selector=selector_dir, start_layer=1), target=r))
+    for r in keep_ratios:
+        rows.append(dict(key=f"fastv@{r}", label=f"FastV K={e.fastv_layer}", method="fastv",
                          options=dict(keep_ratio=r, layer=e.fastv_layer), target=r))
     for r in keep_ratios:
-        rows.append(dict(key=f"random@{r}", label="random (layer 0)", method="random",
+        rows.append(dict(key=f"random@{r}", label="random (after layer 0)", method="random",
                          options=dict(keep_ratio=r, layer=0, seed=0), target=r))
     if methods:
         rows = [s for s in rows if s["method"] is None or s["method"] in methods]
@@ -817,20 +896,27 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok, proc, preset, info = load_small_lvlm(checkpoint, device=dev)
     seed = int(info.get("seed", 0))
+    # The task and model come from the checkpoint; the evaluation settings from the current preset of
+    # that name (they are benchmark settings, not part of the trained model).
+    preset = _with_current_eval(preset)
     e = preset.eval
     n = samples or e.samples
     name = name or f"accuracy_{preset.name}"
     os.makedirs(out_dir, exist_ok=True)
     test = [make_sample(preset.task, seed, i, "test") for i in range(n)]
+    grids = [proc.pixels(s.image)[2] for s in test[:50]]
+    visual_tokens = sum(grids) / len(grids)
     t_start = time.perf_counter()
 
     want = set(methods) if methods else {"glimpse", "alvts", "fastv", "random"}
-    vip_dir, vip_note = (None, None)
+    vips: dict = {}
+    main_k = vip_layer_of(model, preset)
     if "glimpse" in want:
-        vip_dir, vip_note = _prepare_vip(model, proc, preset, seed, os.fspath(checkpoint), log, progress, retrain)
+        for K in [main_k] + [k for k in e.extra_vip_layers if k != main_k]:
+            vips[K] = _prepare_vip(model, proc, preset, seed, os.fspath(checkpoint), K, log, progress, retrain)
     selector_dir = _prepare_alvts(model, proc, preset, seed, os.fspath(checkpoint), log, progress, retrain) \
         if "alvts" in want else None
-    settings = _settings(preset, keep_ratios, vip_dir, vip_note, selector_dir, methods)
+    settings = _settings(preset, keep_ratios, vips, selector_dir, methods, hidden=model.config.text_config.hidden_size)
 
     results = []
     full_acc = None
@@ -839,10 +925,10 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
                    options={k: v for k, v in s["options"].items() if k not in ("vip", "selector")})
         if s["method"] == "alvts":
             row["options"]["selector"] = "calibrated" if s["options"].get("selector") else "svd"
-        if s["method"] == "glimpse" and vip_dir is None:
-            row.update(status="not run", note=vip_note, accuracy=None, keep_ratio=None)
+        if s["method"] == "glimpse" and s["options"].get("vip") is None:
+            row.update(status="not run", note=s.get("note"), accuracy=None, keep_ratio=None)
             results.append(row)
-            log(f"{s['key']:<22} not run: {vip_note}")
+            log(f"{s['key']:<22} not run: {s.get('note')}")
             continue
         t0 = time.perf_counter()
         if s["method"] is None:
@@ -858,22 +944,25 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
         res.pop("answers")
         if full_acc is None:
             full_acc = res["accuracy"]
-        row.update(status="ok", accuracy=res["accuracy"], keep_ratio=res["keep_ratio"],
+        row.update(status="ok", accuracy=res["accuracy"], keep_ratio=res["keep_ratio"], box_hit=res["box_hit"],
                    retained=(res["accuracy"] / full_acc) if full_acc else None, per_task=res["per_task"],
                    seconds=round(time.perf_counter() - t0, 1))
         if s.get("note"):
             row["note"] = s["note"]
         results.append(row)
         log(f"{s['key']:<22} accuracy {res['accuracy']:.3f}  kept {res['keep_ratio']:.3f}  "
+            f"answer box kept {res['box_hit']:.3f}  "
             f"({row['seconds']:.0f}s)")
 
     report = dict(
         checkpoint=os.fspath(checkpoint), preset=preset.name, preset_description=preset.description,
         train_seed=seed, train_steps=info.get("steps"), train_seconds=info.get("train_seconds"),
         train_device=info.get("device"), eval_split="test", samples=n, keep_ratios=list(keep_ratios),
+        visual_tokens=round(visual_tokens, 1),
         device=str(dev), torch=torch.__version__, transformers=_tf_version(), task=preset.task.to_dict(),
-        model=dataclasses.asdict(preset.model), vip_layer=e.vip_layer, fastv_layer=e.fastv_layer,
-        vip=vip_note, seconds=round(time.perf_counter() - t_start, 1), command=command, results=results,
+        model=dataclasses.asdict(preset.model), vip_layer=main_k, vip_layers=list(vips), fastv_layer=e.fastv_layer,
+        vip=[v[1] for v in vips.values()], seconds=round(time.perf_counter() - t_start, 1), command=command,
+        results=results,
     )
     paths = dict(json=os.path.join(out_dir, f"{name}.json"), md=os.path.join(out_dir, f"{name}.md"),
                  png=os.path.join(out_dir, f"{name}.png"))
@@ -908,27 +997,32 @@ def _markdown(rep: dict) -> str:
         f"evaluated on {rep['device']} (torch {rep['torch']}, transformers {rep['transformers']}).",
         "",
         f"Tasks: {', '.join(t for t, _ in rep['task']['tasks'])}; images {rep['task']['image_sizes'][0]}-"
-        f"{rep['task']['image_sizes'][1]} px, objects {rep['task']['object_size'][0]}-"
-        f"{rep['task']['object_size'][1]} px. GlimpsePrune and FastV prune after layer "
-        f"K={rep['vip_layer']} / {rep['fastv_layer']}; random pruning after layer 0; ALVTS selects per layer. "
-        "'kept' is the mean fraction of visual tokens kept (ALVTS: processed per layer, averaged over "
-        "layers); 'retained' is accuracy relative to the unpatched model.",
+        f"{rep['task']['image_sizes'][1]} px, {rep.get('visual_tokens', '?')} visual tokens per image (mean), "
+        f"objects {rep['task']['object_size'][0]}-{rep['task']['object_size'][1]} px"
+        + (", one per token cell" if rep['task'].get('align') else "") + ". "
+        f"GlimpsePrune prunes after the layer K in its label, FastV after K={rep['fastv_layer']}, random pruning "
+        "after layer 0; ALVTS selects before every layer. 'kept' is the mean fraction of visual tokens kept "
+        "(ALVTS: processed per layer, averaged over layers); 'answer box kept' the share of samples where a "
+        "token of the answer's box survived (ALVTS: was processed by at least half the layers); 'retained' "
+        "is accuracy relative to the unpatched model.",
         "",
-        "| method | options | target keep | kept | accuracy | retained | per task |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| method | options | target keep | kept | answer box kept | accuracy | retained | per task |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rep["results"]:
-        opts = _fmt_opts({k: v for k, v in r["options"].items() if k not in ("rank", "start_layer", "min_keep")})
+        opts = _fmt_opts({k: v for k, v in r["options"].items()
+                          if v is not None and k not in ("min_keep",) and not (k == "start_layer" and v == 0)})
         tgt = "-" if r["target_keep"] is None else f"{r['target_keep']:.3f}"
         if r.get("status") != "ok":
-            lines.append(f"| {r['label']} | {opts} | {tgt} | - | not run | - | {r.get('note', '')} |")
+            lines.append(f"| {r['label']} | {opts} | {tgt} | - | - | not run | - | {r.get('note', '')} |")
             continue
         tasks = ", ".join(f"{k} {v:.2f}" for k, v in r["per_task"].items())
         ret = "-" if r.get("retained") is None else f"{100 * r['retained']:.1f}%"
-        lines.append(f"| {r['label']} | {opts} | {tgt} | {r['keep_ratio']:.3f} | {100 * r['accuracy']:.1f}% | "
+        hit = "-" if r.get("box_hit") is None else f"{100 * r['box_hit']:.1f}%"
+        lines.append(f"| {r['label']} | {opts} | {tgt} | {r['keep_ratio']:.3f} | {hit} | {100 * r['accuracy']:.1f}% | "
                      f"{ret} | {tasks} |")
-    if rep.get("vip"):
-        lines += ["", f"GlimpsePrune: {rep['vip']}."]
+    for note in rep.get("vip") or []:
+        lines += ["", f"GlimpsePrune: {note}."]
     if full is not None:
         lines += ["", f"Command: `{rep['command']}`" if rep.get("command") else ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -963,7 +1057,8 @@ def _plot(rep: dict, path: str) -> None:
     ax.set_xlabel("visual tokens kept (%, mean; ALVTS: processed per layer)")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_title(f"Accuracy vs keep ratio, small Qwen2.5-VL, {rep['preset']} preset, n={rep['samples']}")
-    ax.set_ylim(0, 102)
+    lows = [100 * a for pts in groups.values() for _, a in pts] + ([100 * full] if full is not None else [])
+    ax.set_ylim(max(0, 10 * math.floor((min(lows) - 5) / 10)) if lows else 0, 101)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -977,8 +1072,8 @@ def _pictures(model, proc, samples: list[Sample], settings, keep_ratios, ratio, 
 
     os.makedirs(out_dir, exist_ok=True)
     ratio = ratio if ratio is not None else min(keep_ratios)
-    chosen = [s for s in settings if s["method"] is not None and (s["target"] is None or
-                                                                   abs(s["target"] - ratio) < 1e-9)]
+    chosen = [s for s in settings if s["method"] is not None and "diagnostic" not in s["label"]
+              and (s["target"] is None or abs(s["target"] - ratio) < 1e-9)]
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     tok = proc.tokenizer
@@ -1031,13 +1126,15 @@ def trained_demo(args) -> int:
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tok, proc, preset, info = load_small_lvlm(args.trained)
+    preset = _with_current_eval(preset)
     seed = int(info.get("seed", 0))
     samples = [make_sample(preset.task, seed, args.seed * 1000 + i, "test") for i in range(args.samples)]
     options = {k: v for k, v in dict(threshold=args.threshold, keep_ratio=args.keep_ratio, layer=args.layer,
                                       max_keep_ratio=args.max_keep_ratio).items() if v is not None}
     note = ""
     if args.method == "glimpse":
-        vip = args.vip or os.path.join(args.trained, f"vip_K{preset.eval.vip_layer}")
+        k = args.layer if args.layer is not None else vip_layer_of(model, preset)
+        vip = args.vip or os.path.join(args.trained, f"vip_K{k}")
         if os.path.isdir(vip):
             options["vip"] = vip
             note = f"(VIP {vip})"
@@ -1113,7 +1210,8 @@ def add_subcommands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="override the preset's optimizer steps")
     t.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     t.add_argument("--workers", type=int, default=None, help="data workers (default: the preset's)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train_cli)
