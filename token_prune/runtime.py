@@ -14,13 +14,13 @@ Conventions
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from . import _ops
+from .reference import keep_mask_ref
 from ._ops import compact_tokens
 
 
@@ -88,34 +88,10 @@ def keep_mask_from_scores(
             max_keep_ratio=max_keep_ratio, min_keep=min_keep, keep_ratio=keep_ratio,
             scores_are_logits=scores_are_logits,
         )
-    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    probs = torch.sigmoid(scores.float()) if scores_are_logits else scores.float()
-    start = 0
-    for n in sizes:
-        if n == 0:
-            continue
-        p = probs[start:start + n]
-        # Stable descending order: equal scores keep their token order.
-        order = torch.sort(p, descending=True, stable=True).indices
-        if keep_ratio is not None:
-            k = min(n, math.ceil(keep_ratio * n - 1e-9))
-            sel = torch.zeros(n, dtype=torch.bool, device=p.device)
-            sel[order[:k]] = True
-        else:
-            sel = p > threshold
-            count = int(sel.sum())
-            if max_keep_ratio is not None:
-                cap = int(max_keep_ratio * n)
-                if count > cap:
-                    sel = torch.zeros_like(sel)
-                    sel[order[:cap]] = True
-                    count = cap
-            floor = min(n, min_keep)
-            if count < floor:
-                sel[order[:floor]] = True
-        keep[start:start + n] = sel
-        start += n
-    return keep
+    # The PyTorch path is the reference itself (one definition of the rule, also the kernel's oracle).
+    return keep_mask_ref(scores, _ops.cu_seqlens_from_sizes(sizes, "cpu"), threshold=threshold,
+                         max_keep_ratio=max_keep_ratio, min_keep=min_keep, keep_ratio=keep_ratio,
+                         scores_are_logits=scores_are_logits)
 
 
 def compact_batch(batch: TokenBatch, keep: torch.Tensor, caches: list[torch.Tensor]) -> tuple[TokenBatch, list[torch.Tensor]]:
