@@ -28,6 +28,7 @@ import torch
 
 from .. import nvtx
 from .. import _ops
+from ..models.base import _rotate_half
 from ..runtime import PrefillResult, causal_mask, compact_batch
 from .glimpse import _check_fraction
 
@@ -155,11 +156,6 @@ class LowRankSelector(torch.nn.Module):
                 got = tuple(getattr(m, name).shape)
                 if got != shape:
                     raise ValueError(f"ALVTS selector layers.{layer}.{name} has shape {got}, the model needs {shape}")
-
-
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def selection_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor,
