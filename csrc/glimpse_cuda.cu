@@ -392,7 +392,10 @@ at::Tensor glimpse_attention_map_cuda(const at::Tensor& q, const at::Tensor& cos
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t groups = g.heads / g.kv_heads;
   const int64_t group_splits = (groups + kMaxG - 1) / kMaxG;
-  if (q.scalar_type() == at::kDouble || g.dim > kMaxDim || g.batch > 65535 ||
+  // batch == 0: nothing for the kernels to do, and the grid sizing below
+  // divides by the batch; the composite returns the empty map, or rejects
+  // visual tokens that belong to no sample exactly as the CPU kernel does.
+  if (q.scalar_type() == at::kDouble || g.dim > kMaxDim || g.batch == 0 || g.batch > 65535 ||
       g.kv_heads * group_splits > 65535) {
     return glimpse_attention_map_composite(q, cos, sin, keys, cu_seqlens, positions, key_mask,
                                            scale, log_softmax);

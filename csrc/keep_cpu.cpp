@@ -26,11 +26,14 @@ static int64_t topk_count(int64_t n, int64_t above, std::optional<double> max_ke
                           int64_t min_keep, std::optional<double> keep_ratio) {
   if (keep_ratio.has_value()) {
     const double want = std::ceil(*keep_ratio * static_cast<double>(n) - 1e-9);
-    return std::min<int64_t>(n, static_cast<int64_t>(want));
+    // Clamp before the cast: casting a double beyond int64's range is undefined.
+    return want < static_cast<double>(n) ? static_cast<int64_t>(want) : n;
   }
   const int64_t floor = std::min<int64_t>(n, min_keep);
   if (max_keep_ratio.has_value()) {
-    const auto cap = static_cast<int64_t>(*max_keep_ratio * static_cast<double>(n));
+    // A cap >= n never binds (above <= n); clamping first avoids an out-of-range cast.
+    const double cap_d = *max_keep_ratio * static_cast<double>(n);
+    const int64_t cap = cap_d < static_cast<double>(n) ? static_cast<int64_t>(cap_d) : n;
     if (above > cap) {
       return std::max(cap, floor);
     }

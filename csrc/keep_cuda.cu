@@ -92,18 +92,25 @@ __global__ void __launch_bounds__(kThreads) keep_mask_kernel(const KeepParams p)
   // --- how many to keep --------------------------------------------------
   int64_t k;
   if (p.keep_ratio >= 0.0) {
-    const double want = ceil(p.keep_ratio * static_cast<double>(n) - 1e-9);
+    // Rounded like Python's `keep_ratio * n - 1e-9`: product, then difference.
+    // Written as intrinsics because nvcc would contract it into one fma (a
+    // single rounding), which moves ceil() across an integer for some ratios.
+    const double want =
+        ceil(__dsub_rn(__dmul_rn(p.keep_ratio, static_cast<double>(n)), 1e-9));
     k = want < static_cast<double>(n) ? static_cast<int64_t>(want) : n;
   } else {
     int above = 0;
-    for (int i = tid; i < n; i += kThreads) {
+    for (int64_t i = tid; i < n; i += kThreads) {
       above += probs[i] > p.threshold;
     }
     above = block_sum(above, scratch);
     const int64_t floor = p.min_keep < n ? p.min_keep : n;
     k = -1;
     if (p.max_keep_ratio >= 0.0) {
-      const auto cap = static_cast<int64_t>(p.max_keep_ratio * static_cast<double>(n));
+      // int(max_keep_ratio * n); a cap >= n never binds (above <= n), so
+      // clamp before the cast instead of relying on an out-of-range one.
+      const double cap_d = __dmul_rn(p.max_keep_ratio, static_cast<double>(n));
+      const int64_t cap = cap_d < static_cast<double>(n) ? static_cast<int64_t>(cap_d) : n;
       if (above > cap) {
         k = cap > floor ? cap : floor;
       }
@@ -112,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) keep_mask_kernel(const KeepParams p)
       k = floor;
     }
     if (k < 0) {
-      for (int i = tid; i < n; i += kThreads) {
+      for (int64_t i = tid; i < n; i += kThreads) {
         out[i] = probs[i] > p.threshold;
       }
       return;
@@ -120,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) keep_mask_kernel(const KeepParams p)
   }
   if (k <= 0 || k >= n) {
     const bool all = k >= n;
-    for (int i = tid; i < n; i += kThreads) {
+    for (int64_t i = tid; i < n; i += kThreads) {
       out[i] = all;
     }
     return;
@@ -129,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) keep_mask_kernel(const KeepParams p)
   // --- radix select of the k-th largest key --------------------------------
   const bool staged = n <= p.smem_keys;
   if (staged) {
-    for (int i = tid; i < n; i += kThreads) {
+    for (int64_t i = tid; i < n; i += kThreads) {
       skeys[i] = key_of(probs[i]);
     }
   }
@@ -143,8 +150,8 @@ __global__ void __launch_bounds__(kThreads) keep_mask_kernel(const KeepParams p)
     __syncthreads();
     // Every thread runs the same number of iterations so the warp-wide
     // __match_any_sync below sees all 32 lanes.
-    for (int base = 0; base < n; base += kThreads) {
-      const int i = base + tid;
+    for (int64_t base = 0; base < n; base += kThreads) {
+      const int64_t i = base + tid;
       int digit = -1;
       if (i < n) {
         const uint32_t u = staged ? skeys[i] : key_of(probs[i]);
@@ -202,8 +209,8 @@ __global__ void __launch_bounds__(kThreads) keep_mask_kernel(const KeepParams p)
 
   // --- mark ------------------------------------------------------------------
   int seen_equal = 0;  // uniform over the block
-  for (int base = 0; base < n; base += kThreads) {
-    const int i = base + tid;
+  for (int64_t base = 0; base < n; base += kThreads) {
+    const int64_t i = base + tid;
     uint32_t u = 0;
     if (i < n) {
       u = staged ? skeys[i] : key_of(probs[i]);

@@ -272,7 +272,7 @@ def test_cost_only_issue6(tmp_path):
     res, _ = _results(tmp_path)
     assert res["model"]["visual_tokens"] == 4096
     rows = {r["setting"]: r for r in res["latency"]}
-    assert len(rows) == 1 + 4 + 1 + 4 + 4
+    assert len(rows) == 1 + 4 + 1 + 4 + 4 + 1
     g18 = rows["glimpse K=18 f=0.074"]["ratios"]
     assert g18["floor"] == pytest.approx((19 + 9 * 0.074) / 28)
     # Text tokens, the glimpse token and the VIP cost a little above the floor, never much.
@@ -282,8 +282,12 @@ def test_cost_only_issue6(tmp_path):
     al = rows["alvts f=0.11"]["ratios"]
     assert al["floor"] == pytest.approx(0.11) and al["model_lm_prefill_flops"] > al["floor"]  # + the selector
     for r in rows.values():
-        if r["keep_ratio"] < 1:
+        if r["keep_ratio"] < 1 and (r["method"] != "alvts" or r["options"].get("skipped") == "drop"):
             assert r["ratios"]["model_decode_step_bytes"] < 1 and r["ratios"]["model_kv_cache_bytes"] < 1
+    # ALVTS "context" keeps the whole prompt in every cache, and pays the skipped rows' K/V on top of "drop".
+    assert al["model_kv_cache_bytes"] == 1 and al["model_decode_step_bytes"] == pytest.approx(1)
+    drop = rows["alvts f=0.11 skipped=drop"]["ratios"]
+    assert drop["model_kv_cache_bytes"] < 0.2 and drop["model_lm_prefill_flops"] < al["model_lm_prefill_flops"] < 0.3
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,7 +389,8 @@ def test_preset_issue6_resolves():
     ):
         assert want in labels
     sweep = bench.expand_settings(o["sweep_settings"], o["keep_ratios"], "qwen2_5_vl", 28)
-    assert [x.label for x in sweep] == ["unpatched", "glimpse K=18 f=0.074", "fastv K=2 f=0.074", "alvts f=0.11"]
+    assert [x.label for x in sweep] == ["unpatched", "glimpse K=18 f=0.074", "fastv K=2 f=0.074",
+                                      "alvts f=0.11 skipped=drop"]
     o = bench.resolve_options(p.parse_args(["--preset", "issue6", "--only", "check,latency", "--repeats", "3"]))
     assert o["phases"] == ["check", "latency"] and o["repeats"] == 3
     lay = cm.prompt_layout(bench.hf_config(bench.load_arch("qwen2_5_vl_7b")), (1792, 1792), 14, 20)
@@ -457,8 +462,13 @@ def test_prefill_costs_by_hand():
     assert fv["layers_K1_L"].flops == pytest.approx(2 * one(4))
     gl = cm.lm_prefill_cost(arch, T, N, "glimpse", keep_ratio=0.25, K=1)  # + the glimpse token up to K
     assert gl["layers_0_K"].flops == pytest.approx(2 * one(11)) and gl["vip"].flops > 0
-    al = cm.lm_prefill_cost(arch, T, N, "alvts", keep_ratio=0.25)
+    al = cm.lm_prefill_cost(arch, T, N, "alvts", keep_ratio=0.25, skipped="drop")
     assert al["layers"].flops == pytest.approx(4 * one(4))
+    # "context": 4 rows (2 text + 2 selected) through the layer, attending over all 10 keys causally
+    # (selected rows on average half the image, text after it: 2 * 9 / 2 + 2 * 8 + 3 pairs), plus the
+    # K/V projections (2 H kv_width each) of the 6 skipped rows.
+    ctx = cm.lm_prefill_cost(arch, T, N, "alvts", keep_ratio=0.25)
+    assert ctx["layers"].flops == pytest.approx(4 * (cm.lm_layer_cost(LM, 4, 28).flops + 6 * 2 * 2 * 8 * 4))
     # selector: low-rank q/k 2 n (2 H R + R q + R kv), full n x n scores 2 heads d n^2, softmax 5 heads n^2.
     n = 10
     assert al["select"].flops == pytest.approx(
@@ -466,7 +476,8 @@ def test_prefill_costs_by_hand():
     )
     assert cm.kv_lens(arch, T, N, "fastv", keep_ratio=0.25, K=1) == [10, 10, 4, 4]
     assert cm.kv_lens(arch, T, N, "glimpse", keep_ratio=0.25, K=1) == [4] * 4
-    assert cm.kv_lens(arch, T, N, "alvts", keep_ratio=0.25, start_layer=1) == [10, 4, 4, 4]
+    assert cm.kv_lens(arch, T, N, "alvts", keep_ratio=0.25, start_layer=1, skipped="drop") == [10, 4, 4, 4]
+    assert cm.kv_lens(arch, T, N, "alvts", keep_ratio=0.25, start_layer=1) == [10] * 4
 
 
 def test_prefill_floor():

@@ -481,6 +481,25 @@ def test_keep_mask_cuda_large_images_use_the_global_memory_path():
             assert torch.equal(got.cpu(), keep_mask_ref(scores, cu, **opts).cpu()), (mode, opts)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_keep_mask_counts_round_like_python(device):
+    """The count is ``ceil(keep_ratio * n - 1e-9)`` rounded as Python rounds it (product, then
+    difference): a fused multiply-add moves ceil() across an integer for ratios like this one.
+    Ratios far beyond 1 keep everything (no out-of-range integer cast)."""
+    scores = torch.tensor([0.3, 0.9, 0.1, 0.6, 0.2, 0.8, 0.4]).to(device)
+    cu = sizes_to_cu([3, 4], device)
+    cases = [dict(keep_ratio=0.33333333366666673), dict(keep_ratio=1e300), dict(keep_ratio=1.5),
+             dict(threshold=0.0, max_keep_ratio=1e300), dict(threshold=0.0, max_keep_ratio=0.5),
+             dict(threshold=0.0, max_keep_ratio=1e300, min_keep=2)]
+    for opts in cases:
+        got = _ops.keep_mask(scores, cu, scores_are_logits=False, **opts)
+        want = keep_mask_ref(scores.cpu(), cu.cpu(), scores_are_logits=False, **opts)
+        assert torch.equal(got.cpu(), want), opts
+    # by hand: 0.33333333366666673 * 3 = 1.000000001; minus 1e-9 rounds to exactly 1.0, so ceil keeps 1
+    first = _ops.keep_mask(scores, cu, keep_ratio=0.33333333366666673, scores_are_logits=False).cpu()
+    assert first.tolist()[:3] == [False, True, False]
+
+
 def test_keep_mask_errors():
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="1-D"):

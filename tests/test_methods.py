@@ -68,6 +68,7 @@ def _inputs(spec, model, seed):
 
 
 @pytest.mark.parametrize("method, opts", [("fastv", dict(layer=1)), ("alvts", dict(start_layer=0)),
+                                          ("alvts", dict(start_layer=0, skipped="drop")),
                                           ("alvts", dict(start_layer=2, rank=8))])
 def test_keep_everything_equals_unpatched(family, method, opts):
     _, spec, model = family
@@ -124,8 +125,11 @@ def test_fastv_scores_are_last_token_attention(family):
     assert set(top.tolist()) == set(torch.nonzero(keep[visual]).flatten().tolist())
 
 
+@pytest.mark.parametrize("skipped", ["drop", "context"])
 @pytest.mark.parametrize("start_layer", [0, 3])
-def test_alvts_matches_masked_reference(family, start_layer):
+def test_alvts_matches_masked_reference(family, start_layer, skipped):
+    """ALVTS == the unpatched model whose skipped rows pass each layer unchanged and whose
+    layers see only the processed tokens ("drop") or every token ("context")."""
     _, spec, model = family
     inputs = _inputs(spec, model, 4)
     L = model.config.text_config.num_hidden_layers
@@ -133,15 +137,17 @@ def test_alvts_matches_masked_reference(family, start_layer):
     extra = {}
     if spec.get("prefill_position"):
         extra["position_ids"] = spec["prefill_position"](model, inputs["attention_mask"])
-    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.25, start_layer=start_layer) as h:
+    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.25, start_layer=start_layer,
+                                   skipped=skipped) as h:
         out = model(**inputs, **extra)
         processed = [p.clone() for p in h.method.last_processed]
         stats = h.stats
         tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     skip = [valid & ~p for p in processed]
-    ref, first = masked_generate(model, inputs, 5, processed, processed, skip_rows=skip,
+    keys = processed if skipped == "drop" else [valid] * L
+    ref, first = masked_generate(model, inputs, 5, keys, keys, skip_rows=skip,
                                  decode_position=spec["decode_position"],
-                             prefill_position=spec.get("prefill_position"))
+                                 prefill_position=spec.get("prefill_position"))
     torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-9, atol=1e-9)
     assert torch.equal(tokens, ref)
     visual = inputs["input_ids"] == model.config.image_token_id
@@ -155,9 +161,28 @@ def test_alvts_matches_masked_reference(family, start_layer):
             for b, s in enumerate(stats):
                 assert int(n_sel[b]) == sum(-(-img // 4) for img in _image_sizes(inputs, model, b))
     for b, s in enumerate(stats):
-        assert s["kv_len"] == [int(processed[li][b].sum()) for li in range(L)]
+        assert s["kv_len"] == [int(keys[li][b].sum()) for li in range(L)]
     # selections differ between layers somewhere: it is layer-wise, not a fixed subset
     assert any(not torch.equal(processed[start_layer], p) for p in processed[start_layer + 1:])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_alvts_context_mode_matches_reference_with_each_attention(attn):
+    """The context reading runs its own attention call (a row subset against all keys): check it
+    under eager (additive float mask) and SDPA (boolean mask), single sample, no padding."""
+    spec = MODELS["qwen2_5_vl"]
+    model = spec["build"](torch.float64, 5, attn=attn)
+    inputs = spec["inputs"](model, spec["samples"]()[:1], seed=9)
+    valid = inputs["attention_mask"].bool()
+    L = model.config.text_config.num_hidden_layers
+    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.2, skipped="context") as h:
+        out = model(**inputs)
+        processed = [p.clone() for p in h.method.last_processed]
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    ref, first = masked_generate(model, inputs, 4, [valid] * L, [valid] * L,
+                                 skip_rows=[valid & ~p for p in processed], decode_position=spec["decode_position"])
+    torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-9, atol=1e-9)
+    assert torch.equal(tokens, ref)
 
 
 def _image_sizes(inputs, model, b):
@@ -240,6 +265,7 @@ def test_remove_restores_bit_for_bit(family, method):
     ("alvts", dict(rank=0), ValueError, "rank must be a positive int"),
     ("alvts", dict(selector=3.5), TypeError, "selector must be a path"),
     ("alvts", dict(selector="/nonexistent/dir"), FileNotFoundError, "selector.json"),
+    ("alvts", dict(skipped="nothing"), ValueError, "skipped must be one of"),
 ])
 def test_bad_options(family, method, kwargs, exc, match):
     _, _, model = family

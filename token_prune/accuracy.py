@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -845,20 +846,25 @@ def _settings(preset: Preset, keep_ratios, vips: dict, selector_dir, methods=Non
             rows.append(dict(key=f"glimpse_threshold_K{K}", label=f"GlimpsePrune K={K} (threshold)",
                              method="glimpse", options=dict(vip=vdir, threshold=0.5, layer=K), target=None,
                              note=note))
-    for r in keep_ratios:
-        rows.append(dict(key=f"alvts_cal@{r}", label="ALVTS (calibrated)", method="alvts",
-                         options=dict(keep_ratio=r, selector=selector_dir), target=r))
-    for r in keep_ratios:
-        rows.append(dict(key=f"alvts_svd@{r}", label="ALVTS (SVD only)", method="alvts",
-                         options=dict(keep_ratio=r), target=r))
-    # Diagnostics: what the low rank costs (exact q/k), and what selecting at layer 0 costs.
+    # ALVTS under both readings of a skipped token (methods/alvts.py): "context" (default: still a
+    # key/value for the others) and "drop" (invisible at that layer; smaller caches).
+    for skipped, tag in (("context", ""), ("drop", "_drop")):
+        for r in keep_ratios:
+            rows.append(dict(key=f"alvts_cal{tag}@{r}", label=f"ALVTS (calibrated, {skipped})", method="alvts",
+                             options=dict(keep_ratio=r, selector=selector_dir, skipped=skipped), target=r))
+        for r in keep_ratios:
+            rows.append(dict(key=f"alvts_svd{tag}@{r}", label=f"ALVTS (SVD only, {skipped})", method="alvts",
+                             options=dict(keep_ratio=r, skipped=skipped), target=r))
+    # Diagnostics of the "drop" reading: what the low rank costs (exact q/k), and what selecting at
+    # layer 0 costs.
     if hidden:
         for r in keep_ratios:
-            rows.append(dict(key=f"alvts_fullrank@{r}", label="ALVTS full-rank q/k (diagnostic)", method="alvts",
-                             options=dict(keep_ratio=r, rank=hidden), target=r))
+            rows.append(dict(key=f"alvts_fullrank@{r}", label="ALVTS drop, full-rank q/k (diagnostic)",
+                             method="alvts", options=dict(keep_ratio=r, rank=hidden, skipped="drop"), target=r))
     for r in keep_ratios:
-        rows.append(dict(key=f"alvts_cal_from1@{r}", label="ALVTS calibrated, layer 0 unpruned (diagnostic)",
-                         method="alvts", options=dict(keep_ratio=r, selector=selector_dir, start_layer=1), target=r))
+        rows.append(dict(key=f"alvts_cal_from1@{r}", label="ALVTS drop, calibrated, layer 0 unpruned (diagnostic)",
+                         method="alvts", options=dict(keep_ratio=r, selector=selector_dir, start_layer=1,
+                                                      skipped="drop"), target=r))
     for r in keep_ratios:
         rows.append(dict(key=f"fastv@{r}", label=f"FastV K={e.fastv_layer}", method="fastv",
                          options=dict(keep_ratio=r, layer=e.fastv_layer), target=r))
@@ -1037,7 +1043,7 @@ def _plot(rep: dict, path: str) -> None:
     except ImportError:  # matplotlib is optional: JSON + Markdown still written
         warnings.warn("matplotlib is not installed: no accuracy plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     groups: dict[str, list] = {}
     full = None
     for r in rep["results"]:
@@ -1046,8 +1052,10 @@ def _plot(rep: dict, path: str) -> None:
         if r["key"] == "unpatched":
             full = r["accuracy"]
             continue
+        if "diagnostic" in r["label"]:  # in the table only: the plot compares the methods
+            continue
         groups.setdefault(r["label"], []).append((r["keep_ratio"], r["accuracy"]))
-    markers = iter("osD^v<>p*h")
+    markers = itertools.cycle("osD^v<>p*hXP")
     for label, pts in groups.items():
         pts.sort()
         xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
@@ -1060,7 +1068,7 @@ def _plot(rep: dict, path: str) -> None:
     lows = [100 * a for pts in groups.values() for _, a in pts] + ([100 * full] if full is not None else [])
     ax.set_ylim(max(0, 10 * math.floor((min(lows) - 5) / 10)) if lows else 0, 101)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

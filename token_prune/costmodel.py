@@ -29,7 +29,10 @@ Counting conventions
   caches: ``T + N`` up to K, ``T + k`` after. ``alvts``: every layer from ``start_layer`` on
   processes ``T + k`` tokens and first runs the low-rank selector on all ``T + N`` (its full
   ``n x n`` score matrix, fp32, in query chunks) plus a gather and a scatter of the hidden
-  states; every such layer's cache holds ``T + k`` tokens.
+  states. With ``skipped="drop"`` such a layer attends over and caches only the ``T + k``; with
+  ``skipped="context"`` (the method's default) it also projects keys/values of the skipped
+  ``N - k`` tokens, its ``T + k`` queries attend over all ``T + N`` (text counted as following
+  the image, selected rows spread evenly), and its cache holds ``T + N``.
 * The floor of the LM prefill ratio for pruning after layer K with keep fraction f, ignoring
   text tokens and the quadratic attention term: ``(K + 1 + (L - K - 1) f) / L``
   (:func:`prefill_floor`); for ALVTS it is f on the layers it prunes.
@@ -415,12 +418,14 @@ def lm_prefill_cost(
     start_layer: int = 0,
     batch: int = 1,
     kept: int | None = None,
+    skipped: str = "context",
 ) -> dict[str, Cost]:
     """Stages of the language-model prefill (decoder layers and the method's own work; no LM head).
 
     Args:
         text, visual: tokens per sample; ``kept``: visual tokens kept (default ``ceil(f N)``).
         method: ``none``, ``glimpse``, ``fastv`` or ``alvts``.
+        skipped: ALVTS only, ``"context"`` or ``"drop"`` (see :mod:`token_prune.methods.alvts`).
     """
     lm, b = arch.lm, arch.dtype_bytes
     L = lm.layers
@@ -457,7 +462,17 @@ def lm_prefill_cost(
         if s:
             stages["layers_before_start"] = lm_layer_cost(lm, n, _causal_pairs(n), batch, b).scaled(s)
         stages["select"] = _selector_cost(arch, n, batch).scaled(L - s)
-        stages["layers"] = lm_layer_cost(lm, m, _causal_pairs(m), batch, b).scaled(L - s)
+        if skipped == "context":
+            pairs = k * (visual + 1) / 2.0 + text * visual + _causal_pairs(text)
+            layer = lm_layer_cost(lm, m, pairs, batch, b)
+            skip = n - m  # K/V projections of the skipped rows: read their state, write their cache entries
+            layer = layer + Cost(proj_flops=batch * skip * 2.0 * lm.hidden * 2 * lm.kv_width,
+                                 bytes=batch * skip * (2 * lm.hidden * b + kvb))
+            stages["layers"] = layer.scaled(L - s)
+        elif skipped == "drop":
+            stages["layers"] = lm_layer_cost(lm, m, _causal_pairs(m), batch, b).scaled(L - s)
+        else:
+            raise ValueError(f"skipped must be 'context' or 'drop', got {skipped!r}")
         # Gather of the processed rows, clone + scatter back into the full residual stream.
         stages["merge"] = Cost(bytes=batch * (L - s) * ((n + m) * lm.hidden * b + (2 * n + m) * lm.hidden * b))
         return stages
@@ -549,6 +564,7 @@ def kv_lens(
     K: int | None = None,
     start_layer: int = 0,
     kept: int | None = None,
+    skipped: str = "context",
 ) -> list[int]:
     """Per-layer KV cache length of one sample right after prefill."""
     L = arch.lm.layers
@@ -561,7 +577,7 @@ def kv_lens(
     if method == "fastv":
         return [n] * (K + 1) + [m] * (L - K - 1) if K + 1 < L else [n] * L
     if method == "alvts":
-        return [n] * start_layer + [m] * (L - start_layer)
+        return [n] * L if skipped == "context" else [n] * start_layer + [m] * (L - start_layer)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -602,6 +618,7 @@ def estimate(
     decode_tokens: int = 32,
     kept: int | None = None,
     gpu: str | None = None,
+    skipped: str = "context",
 ) -> dict:
     """Every number the benchmark prints for one setting (JSON-ready).
 
@@ -612,10 +629,12 @@ def estimate(
     T, N = layout["text"], layout["visual"]
     vis = vision_cost(arch, image_hw, batch, tiles=layout.get("tiles"))
     pre = lm_prefill_cost(
-        arch, T, N, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, batch=batch, kept=kept
+        arch, T, N, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, batch=batch, kept=kept,
+        skipped=skipped,
     )
     head = lm_head_cost(arch, batch)
-    kv = kv_lens(arch, T, N, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, kept=kept)
+    kv = kv_lens(arch, T, N, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, kept=kept,
+                 skipped=skipped)
     dec = decode_step_cost(arch, kv, batch, generated=decode_tokens // 2)
     k = kept if kept is not None else kept_count(N, keep_ratio)
     out = {
@@ -623,6 +642,7 @@ def estimate(
         "K": K,
         "keep_ratio": keep_ratio,
         "start_layer": start_layer,
+        "skipped": skipped if method == "alvts" else None,
         "batch": batch,
         "text_tokens": T,
         "visual_tokens": N,

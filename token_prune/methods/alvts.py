@@ -10,11 +10,22 @@ Score of visual token i (per sample, real tokens only, causal like the layer its
 ``S(i) = mean_j∈visual A[j, i] * mean_j∈text A[j, i]`` with ``A = softmax(q~ k~^T / sqrt(d))``
 averaged over heads, ``q~ = norm(x) A_Q^T B_Q^T + b_Q`` (rotary applied), likewise for k.
 
-Design choice (the paper leaves it open): a skipped token contributes nothing to attention at a
-layer where it is skipped, so that layer's KV cache holds only the tokens it processed. Decoding
-keeps exactly that: at layer l a new token attends to the text tokens and the visual tokens
-layer l selected during prefill. Each layer's cache therefore has its own length, and decoding
-uses one mask per layer (see ``handle.stats[i]["kv_len"]``).
+What a skipped token contributes at a layer it skips is left open by the paper; the ``skipped``
+option picks one of two readings:
+
+* ``"context"`` (default): the skipped token is not updated by the layer (no query, output
+  projection or MLP for it), but its unchanged hidden state still provides a key and a value,
+  so the text and the selected tokens attend to every visual token at every layer. Skipped rows
+  cost only their K/V projections (about 1.6% of a token-layer for Qwen2.5-VL-7B with GQA), and
+  every layer's KV cache holds the whole prompt, so decoding is as fast as unpatched.
+* ``"drop"``: the skipped token is invisible at that layer, so that layer's KV cache holds only
+  the tokens it processed; decoding keeps exactly that (at layer l a new token attends to the
+  text tokens and the visual tokens layer l selected), with one mask per layer (see
+  ``handle.stats[i]["kv_len"]``). Smaller caches and faster decoding, but every layer only sees
+  ``keep_ratio`` of the image.
+
+On the package's accuracy benchmark (``bench/results/accuracy_*.md``) the two differ sharply at
+``keep_ratio=0.111``: see the ALVTS rows there.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from ..runtime import PrefillResult, causal_mask, compact_batch
 from .glimpse import _check_fraction
 
 FORMAT = "token_prune.alvts_selector"
+SKIPPED_MODES = ("context", "drop")
 _SVD_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -222,13 +234,17 @@ def scatter_rows(full: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, 
 class ALVTS:
     """Options: ``keep_ratio`` (0.11), ``rank`` (None: per-model default), ``start_layer`` (0),
     ``selector`` (None: SVD factors of each layer's q/k; or a directory from
-    :func:`calibrate_alvts`)."""
+    :func:`calibrate_alvts`), ``skipped`` (``"context"`` or ``"drop"``: what a skipped token
+    is at a layer it skips; see the module docstring)."""
 
     name = "alvts"
 
     def __init__(self, adapter, *, keep_ratio: float = 0.11, rank: int | None = None, start_layer: int = 0,
-                 selector=None):
+                 selector=None, skipped: str = "context"):
         _check_fraction("keep_ratio", keep_ratio)
+        if skipped not in SKIPPED_MODES:
+            raise ValueError(f"skipped must be one of {SKIPPED_MODES}, got {skipped!r}")
+        self.skipped = skipped
         if keep_ratio is None:
             raise ValueError("keep_ratio must be in (0, 1], got None")
         n = adapter.num_layers
@@ -270,7 +286,7 @@ class ALVTS:
 
     def options(self) -> dict:
         return dict(keep_ratio=self.keep_ratio, rank=self.rank, start_layer=self.start_layer,
-                    selector=self.selector_source)
+                    selector=self.selector_source, skipped=self.skipped)
 
     def prefill(self, rt, lm, batch, cache, use_cache, kwargs) -> PrefillResult:
         adapter = rt.adapter
@@ -303,18 +319,24 @@ class ALVTS:
                 keep = full_valid & (~batch.visual | sel)
             self.last_processed.append(keep)
             batch.hidden = hidden
+            context = self.skipped == "context"
             with nvtx.range("alvts.compact"):
                 sub, _ = compact_batch(batch, keep, [])
-                mask2d = sub.mask2d if not bool(sub.mask2d.bool().all()) else None
-                mask = causal_mask(lm.config, sub.hidden, mask2d)
                 scos, ssin = adapter.rotary(sub.hidden, sub.pos)
+                if not context:
+                    mask2d = sub.mask2d if not bool(sub.mask2d.bool().all()) else None
+                    mask = causal_mask(lm.config, sub.hidden, mask2d)
             with nvtx.range("alvts.layer"):
-                out = layer(sub.hidden, attention_mask=mask, position_embeddings=(scos, ssin), position_ids=sub.text_pos,
-                            past_key_values=cache, use_cache=use_cache, **kwargs)
+                if context:
+                    out = adapter.layer_rows_with_context(i, hidden, cos, sin, full_valid, sub.index, sub.hidden,
+                                                          scos, ssin, cache=cache)
+                else:
+                    out = layer(sub.hidden, attention_mask=mask, position_embeddings=(scos, ssin),
+                                position_ids=sub.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
             with nvtx.range("alvts.merge"):
                 hidden = scatter_rows(hidden, out, sub.index, inplace=owned)
                 owned = True
-            layer_masks.append(sub.valid.long())
+            layer_masks.append(full_valid.long() if context else sub.valid.long())
             processed.append(sel.sum(1))
         batch.hidden = hidden
         per_layer = torch.stack(processed, 1).tolist()  # [B, layers]
@@ -324,6 +346,8 @@ class ALVTS:
             stats.append({"prompt_len": int(full_valid[b].sum()), "visual_tokens": n, "kept_tokens": n,
                           "keep_ratio": 1.0, "visual_processed": per_layer[b],
                           "processed_ratio": [p / n if n else 1.0 for p in per_layer[b]]})
+        if self.skipped == "context":
+            layer_masks = None  # every layer's cache holds the whole prompt: one shared decode mask
         return PrefillResult(hidden, batch, stats, layer_masks)
 
 

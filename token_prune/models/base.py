@@ -107,6 +107,66 @@ class ModelAdapter:
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
         return q, k
 
+    def layer_rows_with_context(self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                valid: torch.Tensor, rows: torch.Tensor, rows_hidden: torch.Tensor,
+                                rows_cos: torch.Tensor, rows_sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """Decoder layer ``layer_idx`` for a subset of rows that attend to *every* token.
+
+        Keys and values are computed for all ``S`` tokens from their current hidden states (and
+        appended to ``cache`` as the layer itself would); queries, the output projection and the
+        MLP only for the ``S'`` selected rows. This is the ALVTS reading in which a token that
+        skips a layer is not updated by it but stays visible to the tokens that go through it.
+
+        Args:
+            hidden: [B, S, H] the layer's input for every token.
+            cos, sin: [B, S, head_dim] rotary tables of every token.
+            valid: [B, S] bool real (non-padding) tokens.
+            rows: [B, S'] int64 position in ``hidden`` of each selected row, -1 for padding slots.
+            rows_hidden: [B, S', H] those rows' hidden states (``hidden`` gathered at ``rows``).
+            rows_cos, rows_sin: [B, S', head_dim] their rotary tables.
+            cache: a DynamicCache, or None.
+
+        Returns:
+            [B, S', H] the layer's output for the selected rows (padding slots: unspecified).
+        """
+        import sys
+
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        layer = self.lm.layers[layer_idx]
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(attn, name):
+                raise NotImplementedError(f"token_prune: {type(attn).__name__} has no {name}; this decoder layer "
+                                          "cannot run a row subset against full context")
+        B, S, _ = hidden.shape
+        Sq = rows_hidden.shape[1]
+        d = self.head_dim
+        h = layer.input_layernorm(hidden)
+        k = attn.k_proj(h).view(B, S, -1, d).transpose(1, 2)
+        v = attn.v_proj(h).view(B, S, -1, d).transpose(1, 2)
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        hq = layer.input_layernorm(rows_hidden)
+        q = attn.q_proj(hq).view(B, Sq, -1, d).transpose(1, 2)
+        q = q * rows_cos[:, None] + _rotate_half(q) * rows_sin[:, None]
+        kpos = torch.arange(S, device=hidden.device)
+        # Causal in the original order; padding slots may see everything so that no row is empty.
+        allowed = (valid[:, None, :] & (kpos[None, None, :] <= rows[:, :, None])) | (rows < 0)[:, :, None]
+        impl = self.lm.config._attn_implementation
+        if impl == "eager":
+            fn = getattr(sys.modules[type(attn).__module__], "eager_attention_forward")
+            zero = torch.zeros((), dtype=q.dtype, device=q.device)
+            mask = torch.where(allowed, zero, torch.finfo(q.dtype).min)[:, None]
+        else:
+            # Flash-attention kernels take no arbitrary mask; SDPA does (and is what HF uses by default).
+            fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+            mask = allowed[:, None]
+        out, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+        x = rows_hidden + attn.o_proj(out.reshape(B, Sq, -1).contiguous())
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
     # -- vision side ---------------------------------------------------------------------
     def vision_width(self) -> int:
         raise NotImplementedError
