@@ -201,9 +201,10 @@ __device__ __forceinline__ void rope_tile(T* tile, int rows_valid, const int32_t
     const int r = idx / tc::kPairs;
     const int c = idx - r * tc::kPairs;
     if (r < rows_valid) {
-      const int2 rc = reinterpret_cast<const int2*>(pos)[r];
+      // One 4-byte load: positions may be an int32 view that is only 4-byte
+      // aligned (the host's .to(kInt).contiguous() does not copy it), so no int2.
       const bool by_row = c < tc::kPairs / 2;
-      const float pv = static_cast<float>(by_row ? rc.x : rc.y);
+      const float pv = static_cast<float>(pos[2 * r + (by_row ? 0 : 1)]);
       const int f = by_row ? 2 * c : 2 * c - tc::kQuarter;
       float s0, c0, s1, c1;
       fast_sincos(__fmul_rn(pv, inv_freq[f]), s0, c0);
@@ -223,6 +224,11 @@ __device__ __forceinline__ void rope_tile(T* tile, int rows_valid, const int32_t
 
 template <typename T>
 __global__ void __launch_bounds__(tc::kThreads) vip_attention_tc_kernel(const VipParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // cp.async and bf16 mma.sync need sm_80; the host routes older GPUs to the
+  // SIMT kernel, so this body only keeps builds for older archs compiling.
+  __trap();
+#else
   using namespace tc;
   using TT = TcType<T>;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -421,6 +427,7 @@ __global__ void __launch_bounds__(tc::kThreads) vip_attention_tc_kernel(const Vi
           TT::from_float2(o[t][2] * inv1, o[t][3] * inv1);
     }
   }
+#endif  // __CUDA_ARCH__ >= 800
 }
 
 // ---------------------------------------------------------------------------
@@ -641,9 +648,13 @@ at::Tensor vip_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto dtype = q.scalar_type();
   const bool half_type = dtype == at::kHalf || dtype == at::kBFloat16;
-  if (half_type && s.dim == tc::kD && s.vdim == tc::kDv && aligned16(q) && aligned16(k) &&
-      aligned16(v)) {
-    const dim3 grid(static_cast<unsigned>((max_seqlen + tc::kBr - 1) / tc::kBr),
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  // No image is longer than the token count: clamping keeps an oversized
+  // max_seqlen from wrapping the unsigned grid size (silently skipped rows).
+  const int64_t rows = std::min<int64_t>(max_seqlen, s.tokens);
+  if (half_type && prop->major >= 8 && s.dim == tc::kD && s.vdim == tc::kDv && aligned16(q) &&
+      aligned16(k) && aligned16(v)) {
+    const dim3 grid(static_cast<unsigned>((rows + tc::kBr - 1) / tc::kBr),
                     static_cast<unsigned>(s.heads), static_cast<unsigned>(s.images));
     if (dtype == at::kBFloat16) {
       set_smem(reinterpret_cast<const void*>(&vip_attention_tc_kernel<__nv_bfloat16>), tc::kSmemBytes);
@@ -656,9 +667,9 @@ at::Tensor vip_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
     return out;
   }
 
-  const dim3 grid(static_cast<unsigned>((max_seqlen + simt::kBQ - 1) / simt::kBQ),
+  const dim3 grid(static_cast<unsigned>((rows + simt::kBQ - 1) / simt::kBQ),
                   static_cast<unsigned>(s.heads), static_cast<unsigned>(s.images));
-  const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const int64_t optin = prop->sharedMemPerBlockOptin;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vip_attention_cuda", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const size_t bytes = simt_smem_bytes<Acc>(p.dim, p.vdim);
