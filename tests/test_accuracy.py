@@ -3,6 +3,8 @@ Qwen2.5-VL from scratch, eval-accuracy end to end, pictures, and random pruning.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -50,6 +52,16 @@ def test_generator_is_deterministic_and_splits_differ():
     assert make_sample(CFG, 3, 1).image.tobytes() != make_sample(CFG, 3, 2).image.tobytes()
     assert make_sample(CFG, 3, 1).image.tobytes() != make_sample(CFG, 4, 1).image.tobytes()
     assert make_sample(CFG, 3, 1, "train").image.tobytes() != make_sample(CFG, 3, 1, "test").image.tobytes()
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "count"])
+def test_one_object_configs_still_draw_every_task(task):
+    """A curriculum's easy images ask for one object; "left of" still needs two."""
+    cfg = dataclasses.replace(CFG, objects=(1, 1), tasks=tuple((t, 1.0) for t in TASKS if t != "count"))
+    for i in range(6):
+        s = make_sample(cfg, 0, i, task=task)
+        shapes = [o for o in s.objects if o["shape"] != "sign"]  # a word question adds its sign
+        assert len(shapes) == (2 if task == "left_of" else 1) and s.task == task
 
 
 @pytest.mark.parametrize("task", TASKS)

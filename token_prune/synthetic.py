@@ -360,6 +360,8 @@ def _try_sample(cfg: TaskConfig, rng: random.Random, index: int, task: str | Non
     colors = cfg.color_names
     shapes = cfg.shape_names
     n = rng.randint(*cfg.objects)
+    if task == "left_of":
+        n = max(n, 2)  # a reference and its left neighbour, also in a curriculum's one-object images
     smin, smax = cfg.object_size
     gap = max(2, smin // 6)
     taken: list[tuple] = []
