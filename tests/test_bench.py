@@ -287,7 +287,8 @@ def test_cost_only_issue6(tmp_path):
     # ALVTS "context" keeps the whole prompt in every cache, and pays the skipped rows' K/V on top of "drop".
     assert al["model_kv_cache_bytes"] == 1 and al["model_decode_step_bytes"] == pytest.approx(1)
     drop = rows["alvts f=0.11 skipped=drop"]["ratios"]
-    assert drop["model_kv_cache_bytes"] < 0.2 and drop["model_lm_prefill_flops"] < al["model_lm_prefill_flops"] < 0.3
+    # (the fused selector is most of what ALVTS costs at this size: ~0.24 of the unpatched FLOPs)
+    assert drop["model_kv_cache_bytes"] < 0.2 and drop["model_lm_prefill_flops"] < al["model_lm_prefill_flops"] < 0.4
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,10 +470,11 @@ def test_prefill_costs_by_hand():
     # K/V projections (2 H kv_width each) of the 6 skipped rows.
     ctx = cm.lm_prefill_cost(arch, T, N, "alvts", keep_ratio=0.25)
     assert ctx["layers"].flops == pytest.approx(4 * (cm.lm_layer_cost(LM, 4, 28).flops + 6 * 2 * 2 * 8 * 4))
-    # selector: low-rank q/k 2 n (2 H R + R q + R kv), full n x n scores 2 heads d n^2, softmax 5 heads n^2.
+    # selector: low-rank q/k 2 n (2 H R + R q + R kv); fused attention forward + backward: 7 products
+    # of 2 heads d per causal pair (n (n + 1) / 2), exp/statistics 2 x 5 heads per pair.
     n = 10
     assert al["select"].flops == pytest.approx(
-        4 * (2 * n * (2 * 8 * 2 + 2 * 8 + 2 * 4) + 2 * 2 * 4 * n * n + 5 * 2 * n * n)
+        4 * (2 * n * (2 * 8 * 2 + 2 * 8 + 2 * 4) + 7 * 2 * 2 * 4 * 55 + 2 * 5 * 2 * 55)
     )
     assert cm.kv_lens(arch, T, N, "fastv", keep_ratio=0.25, K=1) == [10, 10, 4, 4]
     assert cm.kv_lens(arch, T, N, "glimpse", keep_ratio=0.25, K=1) == [4] * 4

@@ -185,6 +185,57 @@ def test_alvts_context_mode_matches_reference_with_each_attention(attn):
     assert torch.equal(tokens, ref)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_selection_scores_match_the_chunked_softmax(dtype, tol):
+    """The SDPA value-gradient score equals the explicit chunked softmax (float64/float32 to
+    rounding; bf16 within its P rounding), with GQA, left padding and inference mode."""
+    from token_prune.methods.alvts import selection_scores
+
+    g = torch.Generator().manual_seed(4)
+    B, h, kvh, S, d = 3, 6, 2, 41, 16
+    q = (torch.randn(B, h, S, d, generator=g) * 1.5).to(dtype)
+    k = (torch.randn(B, kvh, S, d, generator=g) * 1.5).to(dtype)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :6] = False
+    valid[2, :1] = False
+    visual = torch.zeros(B, S, dtype=torch.bool)
+    visual[:, 9:33] = True
+    want = selection_scores(q.double(), k.double(), valid, visual, impl="chunked", chunk=8)
+    with torch.inference_mode():
+        got = selection_scores(q, k, valid, visual, impl="sdpa")
+    m = visual & valid
+    torch.testing.assert_close(got[m].double(), want[m], rtol=tol, atol=0)
+    no_pad = torch.ones_like(valid)
+    torch.testing.assert_close(selection_scores(q, k, no_pad, visual, impl="sdpa")[visual].double(),
+                               selection_scores(q.double(), k.double(), no_pad, visual, impl="chunked")[visual],
+                               rtol=tol, atol=0)
+
+
+def test_alvts_with_fused_scores_matches_reference(monkeypatch):
+    """The whole patched model with the fused score (the GPU default) forced on the CPU."""
+    from token_prune.methods import alvts
+
+    monkeypatch.setattr(alvts, "PREFILL_SCORES", "sdpa")
+    spec = MODELS["llava"]
+    model = spec["build"](torch.float64, 8)
+    inputs = spec["inputs"](model, spec["samples"](), seed=2)
+    valid = inputs["attention_mask"].bool()
+    L = model.config.text_config.num_hidden_layers
+    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.3) as h:
+        out = model(**inputs, position_ids=spec["prefill_position"](model, inputs["attention_mask"]))
+        processed = [p.clone() for p in h.method.last_processed]
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    monkeypatch.setattr(alvts, "PREFILL_SCORES", "chunked")
+    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.3) as h:
+        model(**inputs, position_ids=spec["prefill_position"](model, inputs["attention_mask"]))
+        assert all(torch.equal(a, b) for a, b in zip(processed, h.method.last_processed))
+    ref, first = masked_generate(model, inputs, 4, [valid] * L, [valid] * L,
+                                 skip_rows=[valid & ~p for p in processed], decode_position=spec["decode_position"],
+                                 prefill_position=spec["prefill_position"])
+    torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-9, atol=1e-9)
+    assert torch.equal(tokens, ref)
+
+
 def _image_sizes(inputs, model, b):
     ids = inputs["input_ids"][b].tolist()
     sizes, run = [], 0

@@ -27,8 +27,8 @@ Counting conventions
   ``K+1..L-1`` on ``T + k`` tokens; every layer's cache then holds ``T + k`` tokens.
   ``fastv``: layers ``0..K`` on ``T + N``, the last-token score, layers after K on ``T + k``;
   caches: ``T + N`` up to K, ``T + k`` after. ``alvts``: every layer from ``start_layer`` on
-  processes ``T + k`` tokens and first runs the low-rank selector on all ``T + N`` (its full
-  ``n x n`` score matrix, fp32, in query chunks) plus a gather and a scatter of the hidden
+  processes ``T + k`` tokens and first runs the low-rank selector on all ``T + N`` (a fused
+  attention forward + backward whose value-gradient is the score) plus a gather and a scatter of the hidden
   states. With ``skipped="drop"`` such a layer attends over and caches only the ``T + k``; with
   ``skipped="context"`` (the method's default) it also projects keys/values of the skipped
   ``N - k`` tokens, its ``T + k`` queries attend over all ``T + N`` (text counted as following
@@ -391,19 +391,24 @@ def _vip_cost(arch: Arch, n_visual: int, K: int, batch: int) -> Cost:
 
 
 def _selector_cost(arch: Arch, n: int, batch: int) -> Cost:
-    """ALVTS selector of one layer on ``n`` tokens: low-rank q~/k~, the full n x n score (fp32)."""
+    """ALVTS selector of one layer on ``n`` tokens on a GPU: low-rank q~/k~, then the score as
+    the value-gradient of one fused causal attention call (``selection_scores(impl="sdpa")``):
+    forward ``q k^T`` and ``P v``, backward ``q k^T`` again, ``dO v^T``, ``P^T dO``, ``dS k``,
+    ``dS^T q`` (seven ``n x n x d`` products per head over the causal half), no ``n x n`` matrix
+    in memory."""
     lm, R, b = arch.lm, arch.alvts_rank, arch.dtype_bytes
     lowrank = 2.0 * n * (2 * lm.hidden * R + R * lm.q_width + R * lm.kv_width)
-    scores = 2.0 * lm.heads * lm.head_dim * n * n  # every chunk computes full rows, then masks
-    softmax = 5.0 * lm.heads * n * n  # max, exp, sum, divide, head mean
-    # fp32 [heads, n, n] logits: written, masked, soft-maxed, head-averaged (about six passes).
-    score_bytes = 6.0 * 4 * lm.heads * n * n
+    pairs = _causal_pairs(n)
+    scores = 7 * 2.0 * lm.heads * lm.head_dim * pairs
+    softmax = 2 * 5.0 * lm.heads * pairs  # exp and row statistics, forward and backward
+    # q, k (repeated to every head), v, out, dO read/written once or twice, dq, dk, dv written.
+    io = 12.0 * n * lm.q_width * b
     weights = (2 * lm.hidden * R + R * lm.q_width + R * lm.kv_width) * b
     return Cost(
         proj_flops=batch * lowrank,
         attn_flops=batch * scores,
         other_flops=batch * softmax,
-        bytes=weights + batch * (score_bytes + 2.0 * n * (lm.q_width + lm.kv_width) * b),
+        bytes=weights + batch * (io + 2.0 * n * (lm.q_width + lm.kv_width) * b),
     )
 
 

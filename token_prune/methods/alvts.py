@@ -44,6 +44,8 @@ from ..runtime import PrefillResult, causal_mask, compact_batch
 from .glimpse import _check_fraction
 
 FORMAT = "token_prune.alvts_selector"
+#: ``impl`` of :func:`selection_scores` during a prefill ("auto": fused SDPA on a GPU)
+PREFILL_SCORES = "auto"
 SKIPPED_MODES = ("context", "drop")
 _SVD_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -171,11 +173,23 @@ class LowRankSelector(torch.nn.Module):
 
 
 def selection_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor,
-                     chunk: int = 1024) -> torch.Tensor:
+                     chunk: int = 1024, impl: str = "auto") -> torch.Tensor:
     """ALVTS importance of every token: mean attention received from visual queries times mean
     attention received from text queries (causal, real tokens only, head-averaged).
 
-    Computed over query blocks of ``chunk`` rows, so no [S, S] matrix per head is held at once.
+    Two implementations of the same number:
+
+    * ``"chunked"``: explicit softmax over query blocks of ``chunk`` rows in float32 (float64 for
+      float64 inputs), so no [S, S] matrix per head is held at once. Differentiable in q and k
+      (calibration uses it); the reference for the other.
+    * ``"sdpa"``: the value-gradient of one ``scaled_dot_product_attention`` call. For
+      ``out = softmax(q k^T / sqrt(d)) v``, ``d<out, g>/dv = P^T g``: with ``g`` holding the
+      per-query weights (1 for visual queries in one channel, 1 for text queries in another),
+      ``dv`` is the attention each key receives from each group, and the fused (flash /
+      memory-efficient) attention kernels compute it without any [S, S] matrix in memory, in the
+      input dtype with float32 accumulation. Not differentiable.
+
+    ``"auto"`` picks ``"sdpa"`` on a GPU unless q or k needs gradients, else ``"chunked"``.
 
     Args:
         q: [B, heads, S, d]; k: [B, kv_heads, S, d] (rotary applied).
@@ -184,6 +198,13 @@ def selection_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visu
     Returns:
         [B, S] float scores (meaningful at visual positions).
     """
+    if impl == "auto":
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        impl = "sdpa" if q.is_cuda and not needs_grad else "chunked"
+    if impl == "sdpa":
+        return _selection_scores_sdpa(q, k, valid, visual)
+    if impl != "chunked":
+        raise ValueError(f"impl must be 'auto', 'chunked' or 'sdpa', got {impl!r}")
     B, h, S, d = q.shape
     k = k.repeat_interleave(h // k.shape[1], dim=1)
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -205,6 +226,36 @@ def selection_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visu
     n_vis = vis_q.sum(1, keepdim=True).clamp(min=1)
     n_txt = txt_q.sum(1, keepdim=True).clamp(min=1)
     return (recv_vis / n_vis) * (recv_txt / n_txt)
+
+
+def _selection_scores_sdpa(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """:func:`selection_scores` as the value-gradient of one fused attention call (see there)."""
+    import torch.nn.functional as F
+
+    B, h, S, d = q.shape
+    vis_q = visual & valid
+    txt_q = ~visual & valid
+    mask = None
+    if not bool(valid.all()):
+        pos = torch.arange(S, device=q.device)
+        mask = valid[:, None, None, :] & (pos[None, :] <= pos[:, None])[None, None]
+        # A padding row sees itself only: no all-masked row (NaN), and its weight is zero anyway.
+        mask = mask | (~valid[:, None, :, None] & torch.eye(S, dtype=torch.bool, device=q.device)[None, None])
+    # Under torch.inference_mode the inputs are inference tensors, which autograd may not save.
+    with torch.inference_mode(False), torch.enable_grad():
+        qq = q.detach().clone()
+        kk = k.detach().repeat_interleave(h // k.shape[1], dim=1)
+        v = torch.zeros_like(qq, requires_grad=True)
+        out = F.scaled_dot_product_attention(qq, kk, v, attn_mask=mask, is_causal=mask is None)
+        g = torch.zeros_like(out)
+        g[..., 0] = vis_q[:, None, :].to(g.dtype)
+        g[..., 1] = txt_q[:, None, :].to(g.dtype)
+        (dv,) = torch.autograd.grad(out, v, g)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    recv = dv[..., :2].to(acc).sum(1)  # [B, S, 2], summed over heads
+    n_vis = vis_q.sum(1, keepdim=True).clamp(min=1).to(acc) * h
+    n_txt = txt_q.sum(1, keepdim=True).clamp(min=1).to(acc) * h
+    return (recv[..., 0] / n_vis) * (recv[..., 1] / n_txt)
 
 
 def topk_per_image(scores: torch.Tensor, visual: torch.Tensor, sizes: list[int], keep_ratio: float) -> torch.Tensor:
@@ -314,7 +365,7 @@ class ALVTS:
                 continue
             with nvtx.range("alvts.select"):
                 q, k = self.selector.qk(adapter, i, hidden, cos, sin)
-                scores = selection_scores(q, k, full_valid, batch.visual)
+                scores = selection_scores(q, k, full_valid, batch.visual, impl=PREFILL_SCORES)
                 sel = topk_per_image(scores, batch.visual, sizes, self.keep_ratio)
                 keep = full_valid & (~batch.visual | sel)
             self.last_processed.append(keep)
