@@ -152,6 +152,36 @@ def trained(tmp_path_factory):
     return out
 
 
+def test_time_budget_shortens_the_run_and_its_schedule(tmp_path, monkeypatch):
+    """--max-minutes: a budget far below the planned steps ends the run early, with the cosine
+    schedule recomputed so that the last step's learning rate is back near its floor."""
+    import token_prune.accuracy as acc
+
+    clock = [0.0]
+    monkeypatch.setattr(acc.time, "perf_counter", lambda: clock[0])
+    real_step = acc._answer_loss
+
+    def step_costs_one_second(*a, **k):
+        clock[0] += 1.0
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(acc, "_answer_loss", step_costs_one_second)
+    lines = []
+    # 40 "seconds" of budget; a training step and an evaluation (every 10 steps, one batch) cost one
+    # second each. At the first evaluation (step 10): 11 s, 1.1 s/step, so 36 fit; the rate stays.
+    summary = acc.train_small_lvlm(tmp_path, "test", steps=500, max_minutes=40 / 60, progress=False,
+                                   log=lines.append)
+    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert summary["planned_steps"] == 500 and summary["steps"] == len(log) == 36
+    assert [x for x in lines if "planned steps fit" in x] == [
+        "time budget 0.667 min: 36 of 500 planned steps fit; shortening the run and its schedule"]
+    spec = acc.PRESETS["test"].train
+    assert log[-1]["lr"] < 0.05 * spec.lr + spec.min_lr_ratio * spec.lr  # annealed, not cut off mid-schedule
+    assert "val_acc" in log[-1]  # the shortened run still ends with an evaluation
+    with pytest.raises(ValueError, match="max_minutes"):
+        acc.train_small_lvlm(tmp_path, "test", steps=5, max_minutes=0, progress=False, log=lines.append)
+
+
 def test_short_training_lowers_the_loss_and_saves_a_loadable_checkpoint(trained):
     log = [json.loads(line) for line in open(trained / "train_log.jsonl")]
     assert len(log) == 24

@@ -532,12 +532,19 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
 
 def train_small_lvlm(out_dir, preset: str | Preset = "cpu", *, seed: int = 0, steps: int | None = None,
                      device: str | None = None, threads: int | None = None, num_workers: int | None = None,
-                     progress: bool = True, log=print, command: str | None = None) -> dict:
+                     max_minutes: float | None = None, progress: bool = True, log=print,
+                     command: str | None = None) -> dict:
     """Train the small Qwen2.5-VL of ``preset`` from scratch; save it to ``out_dir``.
 
     Data: sample ``step * batch_size + i`` of the ``train`` split (generated on the fly, never
     repeated); the running accuracy is measured on the ``val`` split. Returns the run summary
     (also written to ``out_dir/small_lvlm.json``).
+
+    ``max_minutes``: a wall-clock budget for the whole loop (evaluations included). After 25
+    steps, and again at every evaluation, the measured rate decides how many steps fit; when
+    fewer than planned, the run is shortened *and* its learning-rate schedule with it (the cosine
+    still ends at zero), and the summary records the steps actually run (``--steps`` with that
+    number reproduces the run without the budget).
     """
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if steps is not None:
@@ -576,8 +583,13 @@ def train_small_lvlm(out_dir, preset: str | Preset = "cpu", *, seed: int = 0, st
                                          num_workers=workers, prefetch_factor=4 if workers else None,
                                          pin_memory=dev.type == "cuda")
     batches = iter(loader)
+    planned = spec.steps
+    budget_s = None if max_minutes is None else float(max_minutes) * 60.0
+    if budget_s is not None and budget_s <= 0:
+        raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
     with open(log_path, "w") as logf:
-        for step in range(spec.steps):
+        step = 0
+        while step < spec.steps:
             model.train()
             td = time.perf_counter()
             batch = _to(next(batches), dev)
@@ -606,13 +618,26 @@ def train_small_lvlm(out_dir, preset: str | Preset = "cpu", *, seed: int = 0, st
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.3f}", acc=f"{acc:.2f}")
+            step += 1
+            if budget_s is not None and (step == 25 or "val_acc" in rec) and step < spec.steps:
+                fit = int(budget_s / ((time.perf_counter() - t0) / step))
+                if fit < spec.steps:
+                    # The shortened schedule must still warm up and reach one evaluation at its end.
+                    new = max(step + 1, fit, spec.warmup + 1)
+                    if new < spec.steps:
+                        log(f"time budget {max_minutes:.3g} min: {new} of {planned} planned steps fit; "
+                            "shortening the run and its schedule")
+                        spec = dataclasses.replace(spec, steps=new)
+                        if bar is not None:
+                            bar.total = new
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save(out_dir)
-    summary = dict(preset=p.to_dict(), seed=seed, steps=spec.steps, params=n_params, device=str(dev),
+    summary = dict(preset=p.to_dict(), seed=seed, steps=spec.steps, planned_steps=planned, max_minutes=max_minutes,
+                   params=n_params, device=str(dev),
                    torch=torch.__version__, train_seconds=round(elapsed, 1), data_seconds=round(data_s, 1),
                    final_loss=history[-1]["loss"], loss_first=history[0]["loss"],
                    val_acc=evals[-1][1] if evals else None,
@@ -1195,7 +1220,8 @@ def _train_cli(args) -> int:
     if args.out is None:
         args.out = os.path.join("checkpoints", f"small_lvlm_{args.preset}")
     summary = train_small_lvlm(args.out, args.preset, seed=args.seed, steps=args.steps, device=args.device,
-                               threads=args.threads, num_workers=args.workers, progress=not args.quiet,
+                               threads=args.threads, num_workers=args.workers, max_minutes=args.max_minutes,
+                               progress=not args.quiet,
                                command=" ".join(["token-prune"] + sys.argv[1:]))
     print(json.dumps({k: summary[k] for k in ("steps", "params", "train_seconds", "val_acc", "final_loss")}))
     return 0
@@ -1221,6 +1247,8 @@ def add_subcommands(sub) -> None:
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     t.add_argument("--workers", type=int, default=None, help="data workers (default: the preset's)")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget: shorten the run (and its LR schedule) to what fits")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train_cli)
 
