@@ -204,6 +204,8 @@ def test_eval_accuracy_end_to_end_writes_json_md_png(trained, tmp_path):
     for k in ("unpatched", "glimpse_threshold", "alvts_cal@0.111", "alvts_svd@0.333", "fastv@0.222", "random@0.111"):
         assert k in keys
     by = {r["key"]: r for r in data["results"]}
+    assert len(data["git_sha"]) == 40 and data["torch"] == torch.__version__  # provenance of the figures
+    assert by["alvts_cal_drop@0.111"]["options"]["skipped"] == "drop"
     assert by["unpatched"]["keep_ratio"] == 1.0 and by["unpatched"]["box_hit"] == 1.0
     assert 0.0 <= by["random@0.111"]["box_hit"] <= 1.0 and by["alvts_fullrank@0.111"]["status"] == "ok"
     for r in data["results"]:

@@ -990,7 +990,9 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
         train_seed=seed, train_steps=info.get("steps"), train_seconds=info.get("train_seconds"),
         train_device=info.get("device"), eval_split="test", samples=n, keep_ratios=list(keep_ratios),
         visual_tokens=round(visual_tokens, 1),
-        device=str(dev), torch=torch.__version__, transformers=_tf_version(), task=preset.task.to_dict(),
+        device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        cuda=torch.version.cuda, torch=torch.__version__, transformers=_tf_version(), **_git_info(),
+        task=preset.task.to_dict(),
         model=dataclasses.asdict(preset.model), vip_layer=main_k, vip_layers=list(vips), fastv_layer=e.fastv_layer,
         vip=[v[1] for v in vips.values()], seconds=round(time.perf_counter() - t_start, 1), command=command,
         results=results,
@@ -1011,6 +1013,12 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
     return report
 
 
+def _git_info() -> dict:
+    from .bench import git_info
+
+    return git_info()
+
+
 def _tf_version() -> str:
     import transformers
 
@@ -1025,7 +1033,8 @@ def _markdown(rep: dict) -> str:
         f"Model: {rep['preset_description']}; trained from scratch, seed {rep['train_seed']}, "
         f"{rep['train_steps']} steps ({rep['train_seconds']} s on {rep['train_device']}). "
         f"Held-out `{rep['eval_split']}` split, {rep['samples']} samples, greedy exact match; "
-        f"evaluated on {rep['device']} (torch {rep['torch']}, transformers {rep['transformers']}).",
+        f"evaluated on {rep.get('gpu') or rep['device']} (torch {rep['torch']}, transformers {rep['transformers']}, "
+        f"git {str(rep.get('git_sha', 'unknown'))[:10]}{' + local changes' if rep.get('git_dirty') else ''}).",
         "",
         f"Tasks: {', '.join(t for t, _ in rep['task']['tasks'])}; images {rep['task']['image_sizes'][0]}-"
         f"{rep['task']['image_sizes'][1]} px, {rep.get('visual_tokens', '?')} visual tokens per image (mean), "
