@@ -206,6 +206,9 @@ def test_fused_selection_scores_match_the_chunked_softmax(dtype, tol):
     m = visual & valid
     torch.testing.assert_close(got[m].double(), want[m], rtol=tol, atol=0)
     no_pad = torch.ones_like(valid)
+    for impl in ("sdpa", "chunked"):  # valid=None: no padding, same scores as an all-True mask
+        torch.testing.assert_close(selection_scores(q, k, None, visual, impl=impl),
+                                   selection_scores(q, k, no_pad, visual, impl=impl), rtol=tol, atol=0)
     torch.testing.assert_close(selection_scores(q, k, no_pad, visual, impl="sdpa")[visual].double(),
                                selection_scores(q.double(), k.double(), no_pad, visual, impl="chunked")[visual],
                                rtol=tol, atol=0)

@@ -921,6 +921,7 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
     (:func:`token_prune.calibrate_alvts`) are cached inside ``checkpoint``.
     """
     import token_prune as tp
+    from .bench import git_info
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -991,7 +992,7 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
         train_device=info.get("device"), eval_split="test", samples=n, keep_ratios=list(keep_ratios),
         visual_tokens=round(visual_tokens, 1),
         device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        cuda=torch.version.cuda, torch=torch.__version__, transformers=_tf_version(), **_git_info(),
+        cuda=torch.version.cuda, torch=torch.__version__, transformers=_tf_version(), **git_info(),
         task=preset.task.to_dict(),
         model=dataclasses.asdict(preset.model), vip_layer=main_k, vip_layers=list(vips), fastv_layer=e.fastv_layer,
         vip=[v[1] for v in vips.values()], seconds=round(time.perf_counter() - t_start, 1), command=command,
@@ -1011,12 +1012,6 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
     for k, v in paths.items():
         log(f"wrote {v}")
     return report
-
-
-def _git_info() -> dict:
-    from .bench import git_info
-
-    return git_info()
 
 
 def _tf_version() -> str:

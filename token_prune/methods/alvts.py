@@ -193,7 +193,9 @@ def selection_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visu
 
     Args:
         q: [B, heads, S, d]; k: [B, kv_heads, S, d] (rotary applied).
-        valid: [B, S] bool real tokens; visual: [B, S] bool visual tokens.
+        valid: [B, S] bool real tokens, or None when there is no padding (lets the fused path
+            use the plain causal kernel without looking at the mask on the host).
+        visual: [B, S] bool visual tokens.
 
     Returns:
         [B, S] float scores (meaningful at visual positions).
@@ -206,6 +208,8 @@ def selection_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visu
     if impl != "chunked":
         raise ValueError(f"impl must be 'auto', 'chunked' or 'sdpa', got {impl!r}")
     B, h, S, d = q.shape
+    if valid is None:
+        valid = torch.ones(B, S, dtype=torch.bool, device=q.device)
     k = k.repeat_interleave(h // k.shape[1], dim=1)
     acc = torch.promote_types(q.dtype, torch.float32)
     q, k = q.to(acc), k.to(acc)
@@ -233,14 +237,16 @@ def _selection_scores_sdpa(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor
     import torch.nn.functional as F
 
     B, h, S, d = q.shape
-    vis_q = visual & valid
-    txt_q = ~visual & valid
     mask = None
-    if not bool(valid.all()):
+    if valid is None:
+        valid = torch.ones(B, S, dtype=torch.bool, device=q.device)
+    else:
         pos = torch.arange(S, device=q.device)
         mask = valid[:, None, None, :] & (pos[None, :] <= pos[:, None])[None, None]
         # A padding row sees itself only: no all-masked row (NaN), and its weight is zero anyway.
         mask = mask | (~valid[:, None, :, None] & torch.eye(S, dtype=torch.bool, device=q.device)[None, None])
+    vis_q = visual & valid
+    txt_q = ~visual & valid
     # Under torch.inference_mode the inputs are inference tensors, which autograd may not save.
     with torch.inference_mode(False), torch.enable_grad():
         qq = q.detach().clone()
@@ -354,6 +360,7 @@ class ALVTS:
         # [layers] of [B, S] bool: the prompt tokens each layer processed (for stats, plots, tests).
         self.last_processed = []
         owned = False  # whether `hidden` is a tensor of this prefill (not the caller's), so it may be updated in place
+        context = self.skipped == "context"  # skipped rows stay keys/values; caches hold every token
         for i, layer in enumerate(layers):
             if i < self.start_layer:
                 self.last_processed.append(full_valid.clone())
@@ -365,12 +372,12 @@ class ALVTS:
                 continue
             with nvtx.range("alvts.select"):
                 q, k = self.selector.qk(adapter, i, hidden, cos, sin)
-                scores = selection_scores(q, k, full_valid, batch.visual, impl=PREFILL_SCORES)
+                scores = selection_scores(q, k, None if batch.mask2d is None else full_valid, batch.visual,
+                                          impl=PREFILL_SCORES)
                 sel = topk_per_image(scores, batch.visual, sizes, self.keep_ratio)
                 keep = full_valid & (~batch.visual | sel)
             self.last_processed.append(keep)
             batch.hidden = hidden
-            context = self.skipped == "context"
             with nvtx.range("alvts.compact"):
                 sub, _ = compact_batch(batch, keep, [])
                 scos, ssin = adapter.rotary(sub.hidden, sub.pos)
@@ -387,7 +394,8 @@ class ALVTS:
             with nvtx.range("alvts.merge"):
                 hidden = scatter_rows(hidden, out, sub.index, inplace=owned)
                 owned = True
-            layer_masks.append(full_valid.long() if context else sub.valid.long())
+            if not context:
+                layer_masks.append(sub.valid.long())
             processed.append(sel.sum(1))
         batch.hidden = hidden
         per_layer = torch.stack(processed, 1).tolist()  # [B, layers]
@@ -397,7 +405,7 @@ class ALVTS:
             stats.append({"prompt_len": int(full_valid[b].sum()), "visual_tokens": n, "kept_tokens": n,
                           "keep_ratio": 1.0, "visual_processed": per_layer[b],
                           "processed_ratio": [p / n if n else 1.0 for p in per_layer[b]]})
-        if self.skipped == "context":
+        if context:
             layer_masks = None  # every layer's cache holds the whole prompt: one shared decode mask
         return PrefillResult(hidden, batch, stats, layer_masks)
 

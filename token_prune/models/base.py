@@ -148,9 +148,7 @@ class ModelAdapter:
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
-        hq = layer.input_layernorm(rows_hidden)
-        q = attn.q_proj(hq).view(B, Sq, -1, d).transpose(1, 2)
-        q = q * rows_cos[:, None] + _rotate_half(q) * rows_sin[:, None]
+        q, _ = self.project_qk(layer_idx, rows_hidden, rows_cos, rows_sin, want_k=False)
         kpos = torch.arange(S, device=hidden.device)
         # Causal in the original order; padding slots may see everything so that no row is empty.
         allowed = (valid[:, None, :] & (kpos[None, None, :] <= rows[:, :, None])) | (rows < 0)[:, :, None]
