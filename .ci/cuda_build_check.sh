@@ -118,7 +118,8 @@ print("  extension:", found[0])
 EOF
 
 log "installing runtime dependencies to import the whole package"
-"$VPY" -m pip install -q "transformers>=5.17" safetensors tqdm
+source "$REPO/scripts/common.sh"
+"$VPY" -m pip install -q "$(transformers_requirement)" safetensors tqdm
 "$VPY" - <<'EOF'
 import torch
 import token_prune._C

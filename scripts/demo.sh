@@ -5,15 +5,9 @@
 # trained model's checkpoint is present, a plain run also demos it (see README, accuracy retention).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/common.sh
 
-PYTHON="${PYTHON:-python}"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! "$PYTHON" -c 'import torch' > /dev/null 2>&1; then
-  echo "demo.sh: torch is missing; installing torch==2.13.0"
-  "$PYTHON" -m pip install -q torch==2.13.0
-fi
-"$PYTHON" -m pip install -q "setuptools>=64" wheel ninja "transformers>=5.17" safetensors tqdm numpy matplotlib
-"$PYTHON" -m pip install -q --no-build-isolation -e .
+install_package matplotlib
 "$PYTHON" -m token_prune demo "$@"
 # With the small trained model present (`token-prune train-small-lvlm --preset cpu`), also prune it on
 # held-out samples of its task and save a picture of what was kept.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from token_prune import hf
+
 
 def _decoder_layers(model):
     return model.model.language_model.layers
@@ -45,9 +47,9 @@ def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=N
     for li, layer in enumerate(layers):
         def pre(module, args, kwargs, li=li):
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs.get("past_key_values")
+            cache = hf.get_cache(kwargs)
             q = hidden.shape[1]
-            past = cache.layers[li].get_seq_length() if cache is not None and len(cache.layers) > li else 0
+            past = hf.layer_length(cache, li)
             kv = past + q
             rule = prefill_keys if phase[0] == "prefill" else decode_keys
             keys = torch.ones(B, kv, dtype=torch.bool, device=hidden.device)
@@ -56,7 +58,7 @@ def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=N
             kpos = torch.arange(kv, device=hidden.device)[None, :]
             m = keys[:, None, :] & (kpos <= qpos)[None]
             m |= (kpos == qpos)[None]  # padding rows see themselves: no NaN rows
-            impl = model.config._attn_implementation
+            impl = hf.attn_implementation(model.config)
             if impl == "eager":
                 zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
                 m = torch.where(m, zero, torch.finfo(hidden.dtype).min)
@@ -80,15 +82,15 @@ def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=N
             if prefill_position is not None:
                 extra["position_ids"] = prefill_position(model, inputs["attention_mask"])
             out = model(**inputs, use_cache=True, **extra)
-            cache = out.past_key_values
+            cache = hf.output_cache(out)
             first = out.logits[:, -1]
             tokens = [first.argmax(-1)]
             mask = inputs["attention_mask"]
             phase[0] = "decode"
             for _ in range(steps - 1):
                 mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-                out = model(input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=cache,
-                            use_cache=True, position_ids=decode_position(model, mask))
+                out = model(input_ids=tokens[-1][:, None], attention_mask=mask, use_cache=True,
+                            position_ids=decode_position(model, mask), **hf.cache_kwargs(model, cache))
                 tokens.append(out.logits[:, -1].argmax(-1))
     finally:
         for h in hooks:
@@ -99,7 +101,7 @@ def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=N
 def qwen_decode_position(model, mask):
     """Positions [4, B, 1] of the next token of a Qwen2.5-VL prompt, as generate computes them."""
     text = mask.sum(1, keepdim=True) - 1
-    pos = (text + model.model.rope_deltas)[None].expand(3, -1, -1)
+    pos = (text + hf.rope_deltas(model.model))[None].expand(3, -1, -1)
     return torch.cat([text[None], pos], 0)
 
 

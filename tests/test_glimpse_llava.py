@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import token_prune as tp
+from token_prune import hf
 from reference_model import llama_decode_position, masked_generate
 from token_prune.models.llava import LlavaAdapter, LlavaNextAdapter
 from token_prune.tiny import (
@@ -210,8 +211,10 @@ def test_kv_cache_holds_text_and_kept_tokens_only(kind):
         assert not bool((keep[b] & ~valid[b]).any())
         assert bool(keep[b][valid[b] & ~visual[b]].all())  # every text token stays
     longest = int(keep.sum(1).max())
-    for layer in out.past_key_values.layers:
-        assert layer.keys.shape[2] == longest and layer.values.shape[2] == longest
+    cache = hf.output_cache(out)
+    for i in range(hf.cache_layers(cache)):
+        keys, values = hf.layer_kv(cache, i)
+        assert keys.shape[2] == longest and values.shape[2] == longest
 
 
 def test_batch_matches_each_sample_alone(fam64):
@@ -255,11 +258,11 @@ def test_decode_without_positions_continues_unpruned_numbering(fam64, with_mask)
         out = model(**inputs)
         keep = handle.keep_mask.clone()
         manual = [out.logits[:, -1].argmax(-1, keepdim=True)]
-        cache, mask = out.past_key_values, inputs["attention_mask"]
+        cache, mask = hf.output_cache(out), inputs["attention_mask"]
         for _ in range(2):
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
             extra = dict(attention_mask=mask) if with_mask else {}
-            step = model(input_ids=manual[-1], past_key_values=cache, **extra)
+            step = model(input_ids=manual[-1], **hf.cache_kwargs(model, cache), **extra)
             manual.append(step.logits[:, -1].argmax(-1, keepdim=True))
     valid = inputs["attention_mask"].bool()
     ref_tokens, _ = masked_generate(model, inputs, 3, prefill_keys=[valid if li <= K else keep for li in range(L)],

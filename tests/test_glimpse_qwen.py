@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import token_prune as tp
+from token_prune import hf
 from token_prune.runtime import keep_mask_from_scores
 from token_prune.tiny import SampleSpec, qwen_inputs, tiny_qwen2_5_vl
 
@@ -67,9 +68,9 @@ def _layer_mask_hooks(model, allowed_prompt, prompt_len, phase):
     for li, layer in enumerate(lm.layers):
         def pre(module, args, kwargs, li=li):
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs["past_key_values"]
+            cache = hf.get_cache(kwargs)
             B, q, _ = hidden.shape
-            past = cache.layers[li].get_seq_length() if cache is not None and len(cache.layers) > li else 0
+            past = hf.layer_length(cache, li)
             kv = past + q
             keys = torch.ones(B, kv, dtype=torch.bool)
             keys[:, :prompt_len] = allowed_prompt[phase[0]][li]
@@ -100,7 +101,7 @@ def reference_generate(model, inputs, keep, layer, steps):
     hooks = _layer_mask_hooks(model, allowed, S, phase)
     try:
         out = model(**inputs, use_cache=True)
-        cache = out.past_key_values
+        cache = hf.output_cache(out)
         first_logits = out.logits[:, -1]
         tokens = [first_logits.argmax(-1)]
         mask = inputs["attention_mask"]
@@ -110,9 +111,9 @@ def reference_generate(model, inputs, keep, layer, steps):
             # Explicit positions: HF derives them from the whole 2D mask when none are given,
             # which only works inside generate.
             text = mask.sum(1, keepdim=True) - 1
-            pos = (text + model.model.rope_deltas)[None].expand(3, -1, -1)
-            out = model(input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=cache, use_cache=True,
-                        position_ids=torch.cat([text[None], pos], 0))
+            pos = (text + hf.rope_deltas(model.model))[None].expand(3, -1, -1)
+            out = model(input_ids=tokens[-1][:, None], attention_mask=mask, use_cache=True,
+                        position_ids=torch.cat([text[None], pos], 0), **hf.cache_kwargs(model, cache))
             tokens.append(out.logits[:, -1].argmax(-1))
     finally:
         for h in hooks:
@@ -200,8 +201,10 @@ def test_kv_cache_holds_text_and_kept_tokens_only(model32):
         assert not bool((keep[b] & ~valid[b]).any())
         assert bool(keep[b][valid[b] & ~visual[b]].all())  # every text token stays
     longest = int(keep.sum(1).max())
-    for layer in out.past_key_values.layers:
-        assert layer.keys.shape[2] == longest and layer.values.shape[2] == longest
+    cache = hf.output_cache(out)
+    for i in range(hf.cache_layers(cache)):
+        keys, values = hf.layer_kv(cache, i)
+        assert keys.shape[2] == longest and values.shape[2] == longest
 
 
 def test_generation_runs_greedy_and_sampling(model32):
@@ -259,7 +262,7 @@ def test_decode_without_mask_or_positions_continues_unpruned_numbering(model64):
         out = model64(**inputs)
         keep = handle.keep_mask.clone()
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        step = model64(input_ids=nxt, past_key_values=out.past_key_values)
+        step = model64(input_ids=nxt, **hf.cache_kwargs(model64, hf.output_cache(out)))
         manual = [nxt[0, 0], step.logits[0, -1].argmax()]
     ref_tokens, _ = reference_generate(model64, inputs, keep, K, 2)
     assert [int(t) for t in manual] == ref_tokens[0].tolist()

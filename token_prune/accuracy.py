@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import hf
 from .synthetic import Sample, TaskConfig, WordTokenizer, make_sample
 
 __all__ = [
@@ -266,11 +267,10 @@ def build_small_lvlm(tokenizer: WordTokenizer, spec: ModelSpec, seed: int = 0, a
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     config = small_qwen_config(tokenizer, spec)
-    config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation,
-                                                                dtype=torch.float32)
+        model = hf.model_from_config(Qwen2_5_VLForConditionalGeneration, config,
+                                     attn_implementation=attn_implementation, dtype=torch.float32)
     _generation_ids(model, tokenizer)
     return model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import hf
 from .methods import method_class
 from .models import Runtime, adapter_for
 
@@ -99,6 +100,7 @@ def patch(model, method: str = "glimpse", **options) -> PatchHandle:
         )
     cls = method_class(method)
     adapter = adapter_for(model)
+    hf.warn_if_untested()
     runtime = Runtime(adapter, cls(adapter, **options))
     runtime.install()
     handle = PatchHandle(model, runtime)

@@ -72,7 +72,7 @@ from importlib import resources
 import torch
 
 from . import costmodel as cm
-from . import nvtx
+from . import hf, nvtx
 
 SCHEMA = "token_prune.bench/1"
 METHODS = ("none", "glimpse", "fastv", "alvts")
@@ -171,7 +171,7 @@ def build_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.device(device):
-                model = cls._from_config(config, dtype=dtype, attn_implementation=attn)
+                model = hf.model_from_config(cls, config, attn_implementation=attn, dtype=dtype)
         init_random_(model, std=getattr(config.text_config, "initializer_range", 0.02), seed=seed)
         model.eval()
     gcfg = model.generation_config

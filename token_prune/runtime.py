@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _ops
+from . import _ops, hf
 from .reference import keep_mask_ref
 from ._ops import compact_tokens
 
@@ -130,11 +130,7 @@ def causal_mask(config, hidden: torch.Tensor, mask2d: torch.Tensor | None):
     Built from the 2D padding mask alone (no cache), which is exact for a prefill that starts
     from an empty cache and lets every layer phase of a pruned forward get its own mask.
     """
-    from transformers.masking_utils import create_causal_mask
-
-    return create_causal_mask(
-        config=config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=None, position_ids=None
-    )
+    return hf.causal_mask(config, hidden, mask2d)
 
 
 def run_layers(rt, lm, batch: TokenBatch, layers: range, cache, use_cache, kwargs) -> torch.Tensor:
@@ -143,10 +139,10 @@ def run_layers(rt, lm, batch: TokenBatch, layers: range, cache, use_cache, kwarg
     if len(layers) == 0:
         return hidden
     mask = causal_mask(lm.config, hidden, batch.mask2d)
-    cos, sin = rt.adapter.rotary(hidden, batch.pos)
+    rope = rt.adapter.rotary(hidden, batch.pos)
     for i in layers:
-        hidden = lm.layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=batch.text_pos,
-                              past_key_values=cache, use_cache=use_cache, **kwargs)
+        hidden = hf.call_layer(lm.layers[i], hidden, mask=mask, rope=rope, text_pos=batch.text_pos, cache=cache,
+                               use_cache=use_cache, **kwargs)
     return hidden
 
 
@@ -218,7 +214,7 @@ class PrunedCacheState:
 
     def next_position(self, cache) -> int:
         """Unpruned index of the next token: prompt length plus tokens decoded since prefill."""
-        return self.prompt_len + cache.layers[0].get_seq_length() - self.layer_masks[0].shape[1]
+        return self.prompt_len + hf.layer_length(cache, 0) - self.layer_masks[0].shape[1]
 
     def layer_mask(self, layer: int, attention_mask: torch.Tensor | None, q_len: int, cache_len: int) -> torch.Tensor:
         """Map generate's full-length mask [B, prompt_len + t] onto layer ``layer``'s cache.

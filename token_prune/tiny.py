@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hf
+
 # Token ids of the tiny Qwen2.5-VL vocabulary. Real checkpoints use 151643.. for these; the tiny
 # vocabulary keeps them small so the embedding table stays tiny too.
 QWEN_TINY_IDS = dict(
@@ -89,12 +91,10 @@ def tiny_qwen2_5_vl(
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     config = tiny_qwen2_5_vl_config(**config_overrides)
-    config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
-            config, attn_implementation=attn_implementation, dtype=dtype
-        )
+        model = hf.model_from_config(Qwen2_5_VLForConditionalGeneration, config,
+                                     attn_implementation=attn_implementation, dtype=dtype)
     model.generation_config.pad_token_id = QWEN_TINY_IDS["pad_token_id"]
     model.generation_config.eos_token_id = None  # random weights: never stop early in tests
     return model.to(device).eval()
@@ -243,10 +243,9 @@ def tiny_llava_next_config(num_hidden_layers: int = 6, hidden_size: int = 64, nu
 
 
 def _build(cls, config, attn_implementation, dtype, seed, device):
-    config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        model = hf.model_from_config(cls, config, attn_implementation=attn_implementation, dtype=dtype)
     model.generation_config.pad_token_id = LLAVA_TINY_IDS["pad_token_id"]
     model.generation_config.eos_token_id = None  # random weights: never stop early in tests
     return model.to(device).eval()

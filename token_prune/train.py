@@ -82,6 +82,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import hf
 from .data import (Encoded, HFChatProcessor, TinyProcessor, as_dataset, box_targets, collate, prompt_inputs)
 from .runtime import PrefillResult
 from .vip import GlimpseConfig, GlimpseModules
@@ -142,8 +143,8 @@ class SoftGlimpseStudent:
 
     def _call(self, layer, hidden, mask, cos, sin, text_pos, kwargs):
         def run(h, m, c, s):
-            return layer(h, attention_mask=m, position_embeddings=(c, s), position_ids=text_pos,
-                         past_key_values=None, use_cache=False, **kwargs)
+            return hf.call_layer(layer, h, mask=m, rope=(c, s), text_pos=text_pos, cache=None, use_cache=False,
+                                 **kwargs)
 
         if self.checkpoint and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
@@ -539,7 +540,7 @@ def train_vip(
     if api.get_handle(model) is not None:
         raise ValueError("the model is patched; call token_prune.unpatch(model) before training")
     adapter = adapter_for(model)
-    impl = getattr(adapter.lm_config, "_attn_implementation", None) or "sdpa"
+    impl = hf.attn_implementation(adapter.lm_config)
     if "flash" in impl:
         raise ValueError(f"training needs sdpa or eager attention (custom float masks); the model uses {impl!r}")
     weights = _resolve_weights(objective, dict(kl=kl_weight, sparsity=sparsity_weight, ce=ce_weight,
@@ -818,7 +819,7 @@ def _answer_logprobs(model, enc: Encoded, device, dtype) -> torch.Tensor:
     out = model(**pin, use_cache=True)
     rows = [out.logits[0, -1:]]
     if answer.numel() > 1:
-        step = model(input_ids=answer[None, :-1], past_key_values=out.past_key_values, use_cache=True)
+        step = model(input_ids=answer[None, :-1], use_cache=True, **hf.cache_kwargs(model, hf.output_cache(out)))
         rows.append(step.logits[0])
     out = torch.cat(rows)
     return out.to(torch.promote_types(out.dtype, torch.float32)).log_softmax(-1)

@@ -37,9 +37,7 @@ import weakref
 
 import torch
 
-from .. import nvtx
-from .. import _ops
-from ..models.base import _rotate_half
+from .. import _ops, hf, nvtx
 from ..runtime import PrefillResult, causal_mask, compact_batch
 from .glimpse import _check_fraction
 
@@ -119,10 +117,7 @@ class LowRankSelector(torch.nn.Module):
             k = k + attn.k_proj.bias
         q = q.view(B, S, -1, d).transpose(1, 2)
         k = k.view(B, S, -1, d).transpose(1, 2)
-        c, s_ = cos[:, None], sin[:, None]
-        q = q * c + _rotate_half(q) * s_
-        k = k * c + _rotate_half(k) * s_
-        return q, k
+        return hf.apply_rotary(q, cos, sin), hf.apply_rotary(k, cos, sin)
 
     def save(self, path, meta: dict | None = None) -> None:
         """Write ``selector.safetensors`` + ``selector.json`` into directory ``path``."""
@@ -364,8 +359,8 @@ class ALVTS:
         for i, layer in enumerate(layers):
             if i < self.start_layer:
                 self.last_processed.append(full_valid.clone())
-                hidden = layer(hidden, attention_mask=full_mask, position_embeddings=(cos, sin),
-                               position_ids=batch.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
+                hidden = hf.call_layer(layer, hidden, mask=full_mask, rope=(cos, sin), text_pos=batch.text_pos,
+                                       cache=cache, use_cache=use_cache, **kwargs)
                 owned = True
                 layer_masks.append(full_valid.long())
                 processed.append(batch.visual.sum(1))
@@ -389,8 +384,8 @@ class ALVTS:
                     out = adapter.layer_rows_with_context(i, hidden, cos, sin, full_valid, sub.index, sub.hidden,
                                                           scos, ssin, cache=cache)
                 else:
-                    out = layer(sub.hidden, attention_mask=mask, position_embeddings=(scos, ssin),
-                                position_ids=sub.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
+                    out = hf.call_layer(layer, sub.hidden, mask=mask, rope=(scos, ssin), text_pos=sub.text_pos,
+                                        cache=cache, use_cache=use_cache, **kwargs)
             with nvtx.range("alvts.merge"):
                 hidden = scatter_rows(hidden, out, sub.index, inplace=owned)
                 owned = True
@@ -612,5 +607,4 @@ def _lowrank_qk(adapter, layer, x, cos, sin, params):
         k = k + attn.k_proj.bias.float()
     q = q.view(B, S, -1, d).transpose(1, 2)
     k = k.view(B, S, -1, d).transpose(1, 2)
-    c, s_ = cos.float()[:, None], sin.float()[:, None]
-    return q * c + _rotate_half(q) * s_, k * c + _rotate_half(k) * s_
+    return hf.apply_rotary(q, cos.float(), sin.float()), hf.apply_rotary(k, cos.float(), sin.float())

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .. import nvtx
+from .. import hf, nvtx
 from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores, run_layers, sample_stats
 from .glimpse import _check_fraction
 
@@ -73,14 +73,14 @@ class FastV:
             for i in range(K + 1):
                 if i == K:
                     h_in = hidden
-                hidden = layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin),
-                                   position_ids=batch.text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
+                hidden = hf.call_layer(layers[i], hidden, mask=mask, rope=(cos, sin), text_pos=batch.text_pos,
+                                       cache=cache, use_cache=use_cache, **kwargs)
 
         # Attention of the last prompt token (it sees every real token) at layer K.
         with nvtx.range("fastv.score"):
             q, _ = adapter.project_qk(K, h_in[:, -1:], cos[:, -1:], sin[:, -1:], want_k=False)
             if cache is not None:
-                keys = cache.layers[K].keys
+                keys = hf.layer_kv(cache, K)[0]
             else:
                 _, keys = adapter.project_qk(K, h_in, cos, sin)
             keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from .. import nvtx
+from .. import hf, nvtx
 from ..runtime import (PrefillResult, TokenBatch, causal_mask, compact_batch, keep_mask_from_scores, run_layers,
                        sample_stats)
 from .. import _ops
@@ -50,7 +50,7 @@ def _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, ext, vis_idx, log_so
     B = h_in_k.shape[0]
     q = layer.self_attn.q_proj(layer.input_layernorm(h_in_k[:, -1:])).view(B, -1, adapter.head_dim)
     if cache is not None:
-        keys = cache.layers[K].keys
+        keys = hf.layer_kv(cache, K)[0]
     else:
         _, keys = adapter.project_qk(K, h_in_k, cos, sin)
     counts = torch.bincount(vis_idx[:, 0], minlength=B)
@@ -188,8 +188,8 @@ class GlimpsePrune:
                     hidden[:, -1] += gvec[i]
                 if i == K:
                     h_in_k = hidden
-                hidden = layers[i](hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=text_pos,
-                                   past_key_values=cache, use_cache=use_cache, **kwargs)
+                hidden = hf.call_layer(layers[i], hidden, mask=mask, rope=(cos, sin), text_pos=text_pos, cache=cache,
+                                       use_cache=use_cache, **kwargs)
 
         # 2. Glimpse attention map at layer K.
         # On a GPU: the fused kernel, with the visual tokens as (sample, position) pairs.
@@ -201,7 +201,7 @@ class GlimpsePrune:
             else:
                 q, _ = adapter.project_qk(K, h_in_k[:, -1:], cos[:, -1:], sin[:, -1:], want_k=False)
                 if cache is not None:
-                    keys = cache.layers[K].keys
+                    keys = hf.layer_kv(cache, K)[0]
                 else:
                     _, keys = adapter.project_qk(K, h_in_k, cos, sin)
                 groups = q.shape[1] // keys.shape[1]
@@ -243,11 +243,11 @@ class GlimpsePrune:
             caches = []
             if cache is not None:
                 for i in range(K + 1):
-                    caches += [cache.layers[i].keys, cache.layers[i].values]
+                    caches += list(hf.layer_kv(cache, i))
             short, caches = compact_batch(ext, keep, caches)
             if cache is not None:
                 for i in range(K + 1):
-                    cache.layers[i].keys, cache.layers[i].values = caches[2 * i], caches[2 * i + 1]
+                    hf.set_layer_kv(cache, i, caches[2 * i], caches[2 * i + 1])
             if short.mask2d is not None and bool(short.mask2d.bool().all()):
                 short.mask2d = None
         with nvtx.range("glimpse.layers_K1_L"):

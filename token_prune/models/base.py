@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from .. import nvtx
+from .. import hf, nvtx
 from ..runtime import CallContext, PrunedCacheState, TokenBatch, decode_mask
 
 
@@ -99,12 +99,10 @@ class ModelAdapter:
         h = self.lm.layers[layer_idx].input_layernorm(hidden_in)
         B, T, _ = h.shape
         d = self.head_dim
-        q = attn.q_proj(h).view(B, T, -1, d).transpose(1, 2)
-        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        q = hf.apply_rotary(attn.q_proj(h).view(B, T, -1, d).transpose(1, 2), cos, sin)
         if not want_k:
             return q, None
-        k = attn.k_proj(h).view(B, T, -1, d).transpose(1, 2)
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        k = hf.apply_rotary(attn.k_proj(h).view(B, T, -1, d).transpose(1, 2), cos, sin)
         return q, k
 
     def layer_rows_with_context(self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -129,10 +127,6 @@ class ModelAdapter:
         Returns:
             [B, S', H] the layer's output for the selected rows (padding slots: unspecified).
         """
-        import sys
-
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         layer = self.lm.layers[layer_idx]
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -145,21 +139,20 @@ class ModelAdapter:
         h = layer.input_layernorm(hidden)
         k = attn.k_proj(h).view(B, S, -1, d).transpose(1, 2)
         v = attn.v_proj(h).view(B, S, -1, d).transpose(1, 2)
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        k = hf.apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, layer_idx)
+            k, v = hf.cache_update(cache, k, v, layer_idx)
         q, _ = self.project_qk(layer_idx, rows_hidden, rows_cos, rows_sin, want_k=False)
         kpos = torch.arange(S, device=hidden.device)
         # Causal in the original order; padding slots may see everything so that no row is empty.
         allowed = (valid[:, None, :] & (kpos[None, None, :] <= rows[:, :, None])) | (rows < 0)[:, :, None]
-        impl = self.lm.config._attn_implementation
+        impl = hf.attn_implementation(self.lm.config)
+        fn = hf.attention_function(attn, impl)
         if impl == "eager":
-            fn = getattr(sys.modules[type(attn).__module__], "eager_attention_forward")
             zero = torch.zeros((), dtype=q.dtype, device=q.device)
             mask = torch.where(allowed, zero, torch.finfo(q.dtype).min)[:, None]
         else:
             # Flash-attention kernels take no arbitrary mask; SDPA does (and is what HF uses by default).
-            fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
             mask = allowed[:, None]
         out, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
         x = rows_hidden + attn.o_proj(out.reshape(B, Sq, -1).contiguous())
@@ -186,11 +179,6 @@ class ModelAdapter:
     def decode_positions(self, runtime: "Runtime", kwargs: dict):
         """Fill in ``position_ids`` for a decode call on a pruned cache when the caller gave none."""
         return None
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class Runtime:
@@ -283,7 +271,7 @@ class Runtime:
         extra = a.get("kwargs", {})
         get = lambda k: a.get(k, extra.get(k))  # noqa: E731
         ctx = CallContext(input_ids=get("input_ids"))
-        cache = get("past_key_values")
+        cache = hf.get_cache(a) or hf.get_cache(extra)
         if self.pruned is not None and self.pruned.owns(cache) and get("position_ids") is None:
             pos = self.adapter.decode_positions(self, dict(a, **extra))
             if pos is not None:
@@ -295,10 +283,14 @@ class Runtime:
         finally:
             self.ctx = prev
 
-    def _lm_forward(self, orig, lm, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def _lm_forward(self, orig, lm, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
+        # The cache is the 4th parameter in every supported release; by keyword it is `cache` or
+        # `past_key_values` depending on the release (see hf.py).
         ctx = self.ctx
-        cache_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        other = hf.pop_cache(kwargs)
+        cache = cache if cache is not None else other
+        cache_len = hf.layer_length(cache, 0)
         if cache_len == 0:
             wants = ctx is not None and ctx.input_ids is not None
             if wants and not isinstance(attention_mask, dict) and (attention_mask is None or attention_mask.ndim == 2):
@@ -306,26 +298,23 @@ class Runtime:
                 if bool(visual.any()):
                     ctx.vision_features, ctx.image_grids, ctx.image_sizes = self.take_vision_capture(
                         int(visual.sum()), required=bool(self.method.vision_layers()))
-                    return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, past_key_values,
+                    return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, cache,
                                                 inputs_embeds, use_cache, visual, kwargs)
             self.pruned = None
             self.stats = []
             self.keep_mask = None
-        elif self.pruned is not None and self.pruned.owns(past_key_values):
+        elif self.pruned is not None and self.pruned.owns(cache):
             q_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
             if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
                 raise NotImplementedError("token_prune: decoding on a pruned cache needs a 2D attention mask")
             if not self.pruned.uniform:
-                return self._layerwise_decode(lm, input_ids, attention_mask, position_ids, past_key_values,
+                return self._layerwise_decode(lm, input_ids, attention_mask, position_ids, cache,
                                               inputs_embeds, use_cache, kwargs)
             attention_mask = self.pruned.layer_mask(0, attention_mask, q_len, cache_len)
         return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                    inputs_embeds=inputs_embeds, use_cache=use_cache, **hf.cache_kwargs(orig, cache), **kwargs)
 
     def _pruned_prefill(self, lm, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, visual, kwargs):
-        from transformers.cache_utils import DynamicCache
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
         cfg = lm.config
         for key in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(key, False):
@@ -335,8 +324,8 @@ class Runtime:
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = DynamicCache(config=cfg)
-        if cache is not None and type(cache).__name__ not in ("DynamicCache",):
+            cache = hf.new_cache(cfg)
+        if cache is not None and not hf.is_dynamic_cache(cache):
             raise NotImplementedError(
                 f"token_prune: pruning needs a DynamicCache (got {type(cache).__name__}); "
                 "use the default cache implementation"
@@ -367,19 +356,17 @@ class Runtime:
             masks = res.layer_masks
             if masks is None:
                 shared = out.valid.long()
-                masks = [shared] * len(cache.layers)
+                masks = [shared] * hf.cache_layers(cache)
             self.pruned = PrunedCacheState(cache_ref=weakref.ref(cache), prompt_len=S, layer_masks=masks)
             kv = torch.stack([m.bool().sum(1) for m in masks], 1).tolist()  # [B, layers]
             for i, s in enumerate(stats):
                 s["kv_len"] = kv[i]
-                s["kv_len_padded"] = [int(layer.keys.shape[-2]) for layer in cache.layers]
+                s["kv_len_padded"] = [int(hf.layer_kv(cache, i)[0].shape[-2]) for i in range(hf.cache_layers(cache))]
         self.stats = stats
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None)
+        return hf.lm_output(hidden, cache if use_cache else None)
 
     def _layerwise_decode(self, lm, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs):
         """Decode step on a cache whose layers hold different tokens: one mask per layer."""
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
         for key in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(key, False):
                 raise NotImplementedError(f"token_prune: {key}=True is not supported on a pruned cache")
@@ -390,16 +377,16 @@ class Runtime:
             raise ValueError("token_prune: decoding on a per-layer pruned cache needs position_ids "
                              "(generate passes them)")
         pos, text_pos = self.adapter.split_positions(position_ids, B, q, inputs_embeds.device)
-        cos, sin = self.adapter.rotary(inputs_embeds, pos)
-        impl = lm.config._attn_implementation
+        rope = self.adapter.rotary(inputs_embeds, pos)
+        impl = hf.attn_implementation(lm.config)
         hidden = inputs_embeds
         with nvtx.range("token_prune.layerwise_decode"):
             for i, layer in enumerate(lm.layers):
-                m2d = self.pruned.layer_mask(i, attention_mask, q, cache.layers[i].get_seq_length())
+                m2d = self.pruned.layer_mask(i, attention_mask, q, hf.layer_length(cache, i))
                 mask = decode_mask(impl, m2d, q, hidden.dtype)
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=text_pos,
-                               past_key_values=cache, use_cache=use_cache, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden), past_key_values=cache)
+                hidden = hf.call_layer(layer, hidden, mask=mask, rope=rope, text_pos=text_pos, cache=cache,
+                                       use_cache=use_cache, **kwargs)
+        return hf.lm_output(lm.norm(hidden), cache)
 
 
 def layout_sizes(layout) -> list[int]:

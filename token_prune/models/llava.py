@@ -38,6 +38,7 @@ import weakref
 
 import torch
 
+from .. import hf
 from .base import ModelAdapter
 
 
@@ -62,9 +63,7 @@ class _AttributeRestore:
 
 def anyres_tiles(image_size, grid_pinpoints, tile_size: int) -> tuple[int, int]:
     """(rows, cols) of high-res tiles LLaVA-NeXT cuts an image of ``image_size`` (height, width) into."""
-    from transformers.image_processing_utils import select_best_resolution
-
-    height, width = select_best_resolution([int(image_size[0]), int(image_size[1])], grid_pinpoints)
+    height, width = hf.select_best_resolution([int(image_size[0]), int(image_size[1])], grid_pinpoints)
     return height // tile_size, width // tile_size
 
 
@@ -126,7 +125,7 @@ class LlavaAdapter(ModelAdapter):
 
     # -- numerics --------------------------------------------------------------------------
     def rotary(self, hidden, pos):
-        return self.lm.rotary_emb(hidden, pos[0])
+        return hf.rotary(self.lm, hidden, pos[0])
 
     def split_positions(self, position_ids, batch, seq, device):
         # HF's Llama uses arange(S) (past length 0) when no positions are given, ignoring padding.
@@ -143,12 +142,12 @@ class LlavaAdapter(ModelAdapter):
     def decode_positions(self, runtime, kwargs):
         # HF's Llama numbers tokens from the cache length when no positions are given (mask or not);
         # pruning shrank the cache, so continue the unpruned numbering instead.
-        cache = kwargs.get("past_key_values")
+        cache = hf.get_cache(kwargs)
         ids = kwargs.get("input_ids")
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         b, q = ref.shape[:2]
         st = runtime.pruned
-        generated = cache.layers[0].get_seq_length() - st.layer_masks[0].shape[1]
+        generated = hf.layer_length(cache, 0) - st.layer_masks[0].shape[1]
         start = st.prompt_len + generated
         return torch.arange(start, start + q, device=ref.device).view(1, -1).expand(b, -1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import hf
 from .base import ModelAdapter
 
 
@@ -56,7 +57,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         return self.model.model.visual
 
     def rotary(self, hidden, pos):
-        return self.lm.rotary_emb(hidden, pos)
+        return hf.rotary(self.lm, hidden, pos)
 
     def split_positions(self, position_ids, batch, seq, device):
         if position_ids is None:
@@ -122,7 +123,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         # Without one it counts cache entries, which pruning shrank: continue the unpruned count.
         if kwargs.get("attention_mask") is not None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = hf.get_cache(kwargs)
         ids = kwargs.get("input_ids")
         emb = kwargs.get("inputs_embeds")
         q = (ids if ids is not None else emb).shape[1]
@@ -130,6 +131,6 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         start = runtime.pruned.next_position(cache)
         dev = (ids if ids is not None else emb).device
         text = torch.arange(start, start + q, device=dev).view(1, -1).expand(b, -1)
-        deltas = self.outer.rope_deltas
+        deltas = hf.rope_deltas(self.outer)
         pos = text if deltas is None else text + deltas.to(dev)
         return torch.cat([text[None], pos[None].expand(3, -1, -1)], 0)
