@@ -36,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from token_prune.bench import build_model, environment, load_arch  # noqa: E402
+from token_prune.bench import build_model, load_arch  # noqa: E402
+from token_prune.provenance import environment  # noqa: E402
 from token_prune.data import TinyProcessor, load_jsonl, make_synthetic_dataset  # noqa: E402
 from token_prune.models import adapter_for  # noqa: E402
 from token_prune.train import train_vip  # noqa: E402

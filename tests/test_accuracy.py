@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import token_prune as tp
-from token_prune import synthetic, tiny
-from token_prune.accuracy import (PRESETS, SmallVLMProcessor, build_small_lvlm, draw_token_picture, eval_accuracy,
+from token_prune import tiny
+from token_prune.eval import synthetic
+from token_prune.eval import (PRESETS, SmallVLMProcessor, build_small_lvlm, draw_token_picture, eval_accuracy,
                                   load_small_lvlm)
 from token_prune.cli import main
-from token_prune.synthetic import COLORS, TASKS, TaskConfig, WordTokenizer, make_sample
+from token_prune.eval.synthetic import COLORS, TASKS, TaskConfig, WordTokenizer, make_sample
 
 pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")
 
@@ -155,7 +156,7 @@ def trained(tmp_path_factory):
 def test_time_budget_shortens_the_run_and_its_schedule(tmp_path, monkeypatch):
     """--max-minutes: a budget far below the planned steps ends the run early, with the cosine
     schedule recomputed so that the last step's learning rate is back near its floor."""
-    import token_prune.accuracy as acc
+    import token_prune.eval.train_small as acc
 
     clock = [0.0]
     monkeypatch.setattr(acc.time, "perf_counter", lambda: clock[0])
@@ -227,7 +228,7 @@ def test_eval_accuracy_end_to_end_writes_json_md_png(trained, tmp_path):
 
 
 def _has_train_vip() -> bool:
-    from token_prune.accuracy import _vip_trainer
+    from token_prune.eval.accuracy import _vip_trainer
 
     return _vip_trainer() is not None
 
@@ -256,10 +257,10 @@ def test_token_picture_dims_pruned_cells():
 
 @pytest.mark.parametrize("ratio", [0.111, 0.3, 1.0])
 def test_random_pruning_keeps_ceil_r_n_per_image(ratio):
-    model = tiny.tiny_qwen2_5_vl(seed=0)
+    model = tiny.tiny_model("qwen2_5_vl", seed=0)
     samples = [tiny.SampleSpec(images=((128, 96),), prefix_len=3, suffix_len=6),
                tiny.SampleSpec(images=((64, 64), (32, 64)), prefix_len=5, suffix_len=4)]
-    inputs = tiny.qwen_inputs(model, samples, seed=0)
+    inputs = tiny.make_inputs(model, samples, seed=0)
     with torch.no_grad():
         with tp.patch(model, method="random", keep_ratio=ratio, seed=5) as h:
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -284,7 +285,7 @@ def test_random_pruning_keeps_ceil_r_n_per_image(ratio):
 
 
 def test_random_pruning_rejects_bad_options():
-    model = tiny.tiny_qwen2_5_vl(seed=0)
+    model = tiny.tiny_model("qwen2_5_vl", seed=0)
     with pytest.raises(ValueError, match="keep_ratio"):
         tp.patch(model, method="random", keep_ratio=0.0)
     with pytest.raises(ValueError, match="layer"):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import token_prune as tp
-from token_prune.methods.alvts import LowRankSelector, calibrate_alvts, score_error
+from token_prune.alvts_calibration import calibrate_alvts, score_error
+from token_prune.methods.alvts import LowRankSelector
 from token_prune.models import adapter_for
-from token_prune.tiny import SampleSpec, qwen_inputs, tiny_qwen2_5_vl
+from token_prune.tiny import SampleSpec, make_inputs, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def anisotropic_model():
     With isotropic random inputs the weight-space SVD is already the best rank-R fit, so only
     a model with structured activations can show what calibration is for.
     """
-    model = tiny_qwen2_5_vl(dtype=torch.float32, seed=3)
+    model = tiny_model("qwen2_5_vl", dtype=torch.float32, seed=3)
     g = torch.Generator().manual_seed(0)
     for layer in model.model.language_model.layers:
         layer.input_layernorm.weight.data = torch.exp(1.5 * torch.randn(layer.input_layernorm.weight.shape, generator=g))
@@ -30,7 +31,7 @@ def anisotropic_model():
 
 def _batches(model, seeds):
     spec = [SampleSpec(images=((64, 64),), prefix_len=3, suffix_len=6)] * 8
-    return [qwen_inputs(model, spec, seed=s) for s in seeds]
+    return [make_inputs(model, spec, seed=s) for s in seeds]
 
 
 def test_calibrated_selector_beats_svd_on_held_out_samples(anisotropic_model, tmp_path):

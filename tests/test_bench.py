@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from token_prune import bench, nvtx
+import token_prune.bench.timing  # noqa: F401 (bench.timing._nvtx_name)
 from token_prune import costmodel as cm
 
 pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")
@@ -266,8 +267,8 @@ def test_full_size_on_cpu_needs_explicit_device(tmp_path, capsys):
     assert "--tiny" in capsys.readouterr().err
 
 
-def test_cost_only_issue6(tmp_path):
-    rc = _run(tmp_path, "--preset", "issue6", "--cost-only", "--quiet")
+def test_cost_only_qwen2_5_vl_7b_4k(tmp_path):
+    rc = _run(tmp_path, "--preset", "qwen2_5_vl_7b_4k", "--cost-only", "--quiet")
     assert rc == 0
     res, _ = _results(tmp_path)
     assert res["model"]["visual_tokens"] == 4096
@@ -367,15 +368,15 @@ def test_settings_parse_and_expand():
     assert s[1].family_key == "glimpse K=18"
     s = bench.expand_settings(["glimpse"], [0.5], "llava", 32, baseline=False)
     assert [x.label for x in s] == ["glimpse K=21 f=0.5"]
-    assert bench._nvtx_name("glimpse K=18 f=0.074") == "glimpse_K18_f0.074"
+    assert bench.timing._nvtx_name("glimpse K=18 f=0.074") == "glimpse_K18_f0.074"
 
 
-def test_preset_issue6_resolves():
+def test_preset_qwen2_5_vl_7b_4k_resolves():
     import argparse
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    o = bench.resolve_options(p.parse_args(["--preset", "issue6"]))
+    o = bench.resolve_options(p.parse_args(["--preset", "qwen2_5_vl_7b_4k"]))
     assert o["model"] == "qwen2_5_vl_7b" and tuple(o["image"]) == (1792, 1792) and o["mem_cap_gb"] == 70.0
     assert o["phases"] == ["check", "latency", "sweep"] and o["sweep_batches"][-1] == 64
     s = bench.expand_settings(o["settings"], o["keep_ratios"], "qwen2_5_vl", 28)
@@ -392,7 +393,7 @@ def test_preset_issue6_resolves():
     sweep = bench.expand_settings(o["sweep_settings"], o["keep_ratios"], "qwen2_5_vl", 28)
     assert [x.label for x in sweep] == ["unpatched", "glimpse K=18 f=0.074", "fastv K=2 f=0.074",
                                       "alvts f=0.11 skipped=drop"]
-    o = bench.resolve_options(p.parse_args(["--preset", "issue6", "--only", "check,latency", "--repeats", "3"]))
+    o = bench.resolve_options(p.parse_args(["--preset", "qwen2_5_vl_7b_4k", "--only", "check,latency", "--repeats", "3"]))
     assert o["phases"] == ["check", "latency"] and o["repeats"] == 3
     lay = cm.prompt_layout(bench.hf_config(bench.load_arch("qwen2_5_vl_7b")), (1792, 1792), 14, 20)
     assert lay["visual"] == 64 * 64 == 4096
@@ -420,8 +421,10 @@ def test_compare_generations():
 def test_synthetic_inputs_match_the_cost_model_layout():
     from token_prune import tiny
 
-    for model in (tiny.tiny_qwen2_5_vl(), tiny.tiny_llava(), tiny.tiny_llava_next()):
-        hw = bench.TINY_IMAGES[model.config.model_type]
+    from token_prune.models import adapter_class, supported_models
+
+    for model in (tiny.tiny_model(t) for t in supported_models()):
+        hw = adapter_class(model.config.model_type).tiny_image
         x = bench.synthetic_inputs(model, hw, 3, 4, 6)
         lay = cm.prompt_layout(model.config, hw, 4, 6)
         ids = x["input_ids"]

@@ -31,7 +31,7 @@ def test_calibrate_alvts_cli_writes_a_selector_the_method_loads(tmp_path, capsys
     import torch
 
     import token_prune as tp
-    from token_prune.tiny import SampleSpec, qwen_inputs, tiny_qwen2_5_vl
+    from token_prune.tiny import SampleSpec, make_inputs, tiny_model
 
     out = tmp_path / "sel"
     assert main(["calibrate-alvts", "--tiny", "--out", str(out), "--samples", "6", "--steps", "3",
@@ -39,8 +39,8 @@ def test_calibrate_alvts_cli_writes_a_selector_the_method_loads(tmp_path, capsys
     assert "rel. score error SVD" in capsys.readouterr().out
     report = json.loads((out / "calibration_report.json").read_text())
     assert set(report) == {"calibrated", "svd"}
-    model = tiny_qwen2_5_vl(seed=0)  # same weights as --tiny (model seed 0)
-    inputs = qwen_inputs(model, [SampleSpec(images=((64, 64),))])
+    model = tiny_model("qwen2_5_vl", seed=0)  # same weights as --tiny (model seed 0)
+    inputs = make_inputs(model, [SampleSpec(images=((64, 64),))])
     with torch.no_grad(), tp.patch(model, method="alvts", selector=str(out), keep_ratio=0.25) as h:
         assert h.options["selector"] == str(out)
         model.generate(**inputs, max_new_tokens=2, do_sample=False)

@@ -16,7 +16,7 @@ import torch
 
 import token_prune as tp
 from token_prune import hf
-from token_prune.tiny import SampleSpec, qwen_inputs, tiny_qwen2_5_vl
+from token_prune.tiny import SampleSpec, make_inputs, tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_supported_range(version, inside):
 def test_untested_release_warns_once_and_still_patches(monkeypatch):
     monkeypatch.setattr(hf, "transformers_version", lambda: "9.0.0")
     monkeypatch.setattr(hf, "_warned_version", [False])
-    model = tiny_qwen2_5_vl()
+    model = tiny_model("qwen2_5_vl")
     with pytest.warns(RuntimeWarning, match=r"tested with transformers>=5\.\d+,<5\.\d+, but 9\.0\.0"):
         handle = tp.patch(model, method="fastv")
     handle.remove()
@@ -73,7 +73,7 @@ def test_supported_release_does_not_warn():
     assert hf.in_supported_range()  # the suite itself runs on an allowed release
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        tp.patch(tiny_qwen2_5_vl(), method="fastv").remove()
+        tp.patch(tiny_model("qwen2_5_vl"), method="fastv").remove()
 
 
 def test_cache_argument_name_follows_the_signature():
@@ -93,7 +93,7 @@ def test_installed_release_takes_the_name_the_seam_passes():
     name the seam picks for them (so nothing lands in **kwargs unseen)."""
     import inspect
 
-    model = tiny_qwen2_5_vl()
+    model = tiny_model("qwen2_5_vl")
     lm = model.model.language_model
     for module in (lm.layers[0], lm, model):
         assert hf.cache_arg(module) in inspect.signature(type(module).forward).parameters
@@ -101,8 +101,8 @@ def test_installed_release_takes_the_name_the_seam_passes():
 
 def test_seam_round_trip_through_a_real_cache():
     """A prefill through the seam's layer call fills the cache the seam then reads and rewrites."""
-    model = tiny_qwen2_5_vl()
-    inputs = qwen_inputs(model, [SampleSpec(images=((64, 64),))], seed=0)
+    model = tiny_model("qwen2_5_vl")
+    inputs = make_inputs(model, [SampleSpec(images=((64, 64),))], seed=0)
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     cache = hf.output_cache(out)

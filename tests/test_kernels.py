@@ -1,4 +1,4 @@
-"""The fused kernels of issue 3 against their references (token_prune/reference.py).
+"""The fused kernels against their references (token_prune/reference.py).
 
 * glimpse_attention_map, vip_attention: the kernel's error against a float64
   computation must be at most twice the error of the same-precision PyTorch
@@ -14,6 +14,8 @@ call so an output element a kernel forgets to write reads as NaN / 0xFF.
 """
 
 from __future__ import annotations
+
+import functools
 
 import math
 
@@ -774,9 +776,9 @@ def _llava_next_samples():
 
 
 FAMILIES = {
-    "qwen2_5_vl": (tiny.tiny_qwen2_5_vl, tiny.qwen_inputs, _qwen_samples),
-    "llava": (tiny.tiny_llava, tiny.llava_inputs, _llava_samples),
-    "llava_next": (tiny.tiny_llava_next, tiny.llava_next_inputs, _llava_next_samples),
+    "qwen2_5_vl": (functools.partial(tiny.tiny_model, "qwen2_5_vl"), tiny.make_inputs, _qwen_samples),
+    "llava": (functools.partial(tiny.tiny_model, "llava"), tiny.make_inputs, _llava_samples),
+    "llava_next": (functools.partial(tiny.tiny_model, "llava_next"), tiny.make_inputs, _llava_next_samples),
 }
 
 METHODS = [

@@ -1,5 +1,7 @@
-"""FastV and ALVTS (and GlimpsePrune where the grid is shared) on every supported model,
-checked against the masked unpatched-model oracle of ``reference_model``."""
+"""What is particular to FastV and ALVTS, on every family of tests/families.py: FastV's score is
+the last token's attention; ALVTS's selection, its two readings of "skip", its fused and low-rank
+scores, against the masked unpatched-model oracle of ``reference_model``. The contract every method
+keeps is tests/test_contract.py."""
 
 from __future__ import annotations
 
@@ -8,44 +10,21 @@ import torch
 
 import token_prune as tp
 from token_prune import tiny
-from reference_model import llama_decode_position, llama_prefill_position, masked_generate, qwen_decode_position
+from families import FAMILIES
+from reference_model import masked_generate
 
 pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")
 
 
-def _qwen(dtype, seed, attn="sdpa"):
-    return tiny.tiny_qwen2_5_vl(attn_implementation=attn, dtype=dtype, seed=seed)
-
-
-def _qwen_samples():
-    return [tiny.SampleSpec(images=((128, 96),), prefix_len=3, suffix_len=6),
-            tiny.SampleSpec(images=((64, 64), (32, 64)), prefix_len=5, suffix_len=4)]
-
-
-def _llava(dtype, seed, attn="sdpa"):
-    return tiny.tiny_llava(attn_implementation=attn, dtype=dtype, seed=seed)
-
-
-def _llava_next(dtype, seed, attn="sdpa"):
-    return tiny.tiny_llava_next(attn_implementation=attn, dtype=dtype, seed=seed)
-
-
-def _llava_samples():
-    return [tiny.SampleSpec(images=((56, 56),), prefix_len=3, suffix_len=6),
-            tiny.SampleSpec(images=((56, 56), (56, 56)), prefix_len=5, suffix_len=4)]
-
-
-def _llava_next_samples():
-    return [tiny.SampleSpec(images=((112, 56),), prefix_len=3, suffix_len=6),
-            tiny.SampleSpec(images=((56, 112), (60, 60)), prefix_len=5, suffix_len=4)]
+class _Spec(dict):
+    """A family row in the shape these tests were written against."""
 
 
 MODELS = {
-    "qwen2_5_vl": dict(build=_qwen, inputs=tiny.qwen_inputs, samples=_qwen_samples, decode_position=qwen_decode_position),
-    "llava": dict(build=_llava, inputs=tiny.llava_inputs, samples=_llava_samples, decode_position=llama_decode_position,
-                  prefill_position=llama_prefill_position),
-    "llava_next": dict(build=_llava_next, inputs=tiny.llava_next_inputs, samples=_llava_next_samples,
-                       decode_position=llama_decode_position, prefill_position=llama_prefill_position),
+    name: _Spec(build=lambda dtype, seed, attn="sdpa", row=row: row.build(dtype, seed=seed, attn=attn),
+                inputs=tiny.make_inputs, samples=row.samples, decode_position=row.decode_position,
+                prefill_position=row.prefill_position)
+    for name, row in FAMILIES.items()
 }
 
 
@@ -65,46 +44,6 @@ def family(request):
 
 def _inputs(spec, model, seed):
     return spec["inputs"](model, spec["samples"](), seed=seed)
-
-
-@pytest.mark.parametrize("method, opts", [("fastv", dict(layer=1)), ("alvts", dict(start_layer=0)),
-                                          ("alvts", dict(start_layer=0, skipped="drop")),
-                                          ("alvts", dict(start_layer=2, rank=8))])
-def test_keep_everything_equals_unpatched(family, method, opts):
-    _, spec, model = family
-    inputs = _inputs(spec, model, 1)
-    valid = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-        with tp.patch(model, method=method, keep_ratio=1.0, **opts):
-            out = model(**inputs).logits
-            tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-12, atol=1e-12)
-    assert torch.equal(tokens, ref_tokens)
-
-
-@pytest.mark.parametrize("layer", [0, 2, 5])
-def test_fastv_matches_masked_reference(family, layer):
-    _, spec, model = family
-    inputs = _inputs(spec, model, 2)
-    valid = inputs["attention_mask"].bool()
-    L = model.config.text_config.num_hidden_layers
-    with torch.no_grad(), tp.patch(model, method="fastv", layer=layer, keep_ratio=0.3) as h:
-        tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-        keep = h.keep_mask.clone()
-        stats = h.stats
-    rule = [valid if li <= layer else keep for li in range(L)]
-    ref, _ = masked_generate(model, inputs, 5, rule, rule, decode_position=spec["decode_position"],
-                             prefill_position=spec.get("prefill_position"))
-    assert torch.equal(tokens, ref)
-    visual = inputs["input_ids"] == model.config.image_token_id
-    for b, s in enumerate(stats):
-        kept = int((keep[b] & visual[b]).sum())
-        assert s["kept_tokens"] == kept == sum(-(-3 * img["tokens"] // 10) for img in s["images"])
-        n_real = int(valid[b].sum())
-        assert s["kv_len"] == [n_real] * (layer + 1) + [n_real - s["visual_tokens"] + kept] * (L - layer - 1)
 
 
 def test_fastv_scores_are_last_token_attention(family):
@@ -254,7 +193,8 @@ def _image_sizes(inputs, model, b):
 def test_alvts_score_matches_full_rank_oracle_at_full_rank(family):
     """With rank = hidden size the SVD factors are exact, so the selector reproduces the
     oracle score computed from the unpatched model's eager attention probabilities."""
-    from token_prune.methods.alvts import LowRankSelector, _layer_inputs, selection_scores
+    from token_prune.alvts_calibration import layer_inputs as _layer_inputs
+    from token_prune.methods.alvts import LowRankSelector, selection_scores
     from token_prune.models import adapter_for
 
     name, spec, _ = family
@@ -275,39 +215,6 @@ def test_alvts_score_matches_full_rank_oracle_at_full_rank(family):
     vis, txt = visual[0], ~visual[0]
     oracle = A[vis].mean(0) * A[txt].mean(0)
     torch.testing.assert_close(got[0][vis], oracle[vis], rtol=1e-5, atol=1e-9)
-
-
-@pytest.mark.parametrize("method, opts", [("fastv", dict(layer=2, keep_ratio=0.3)),
-                                          ("alvts", dict(keep_ratio=0.3)),
-                                          ("glimpse", dict(layer=2, keep_ratio=0.3))])
-def test_batch_matches_each_sample_alone(family, method, opts):
-    name, spec, model = family
-    samples = spec["samples"]()
-    inputs = spec["inputs"](model, samples, seed=6)
-    with torch.no_grad(), tp.patch(model, method=method, **opts):
-        batch = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-        for b in range(len(samples)):
-            alone_inputs = tiny.select_sample(model, inputs, b)
-            alone = model.generate(**alone_inputs, max_new_tokens=5, do_sample=False)
-            assert torch.equal(alone[0, alone_inputs["input_ids"].shape[1]:], batch[b]), (method, b)
-
-
-@pytest.mark.parametrize("method", ["fastv", "alvts"])
-def test_remove_restores_bit_for_bit(family, method):
-    _, spec, model = family
-    inputs = _inputs(spec, model, 7)
-    # transformers registers output-capturing hooks of its own on some towers: compare with those.
-    hooks = lambda: [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # noqa: E731
-    with torch.no_grad():
-        before = model(**inputs).logits
-        hooks_before = hooks()
-        h = tp.patch(model, method=method, keep_ratio=0.2)
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        h.remove()
-        after = model(**inputs).logits
-    assert torch.equal(before, after)
-    assert all("forward" not in m.__dict__ for m in model.modules())
-    assert hooks() == hooks_before
 
 
 @pytest.mark.parametrize("method, kwargs, exc, match", [

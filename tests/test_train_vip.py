@@ -12,6 +12,8 @@ seeds (data 10+s / 100+s, VIP seed s) with these settings: trained / untrained h
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import json
 import math
@@ -25,8 +27,9 @@ import torch
 import token_prune as tp
 from token_prune.data import (HFChatProcessor, TinyProcessor, VipRow, _map_boxes, box_targets, collate,
                               load_jsonl, make_synthetic_dataset, rasterise_boxes)
-from token_prune.models import Runtime, adapter_for
-from token_prune.tiny import tiny_qwen2_5_vl
+from token_prune.models import adapter_for
+from token_prune.runtime import Runtime
+from token_prune.tiny import tiny_model
 from token_prune.train import (SoftGlimpseStudent, _answer_logprobs, _answer_rows, evaluate_vip, train_vip)
 from token_prune.vip import GlimpseConfig, GlimpseModules
 
@@ -41,7 +44,7 @@ TRAIN = dict(layer=K, objective="kl", target_keep=KEEP, steps=60, batch_size=4, 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_qwen2_5_vl(seed=0)
+    return tiny_model("qwen2_5_vl", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +153,7 @@ def test_student_with_binary_keep_is_the_hard_pruned_model(kind, layer, data):
     what the real pruned inference path (patch -> prefill -> decode on the pruned cache) gives."""
     from token_prune import tiny
 
-    build = {"qwen2_5_vl": tiny.tiny_qwen2_5_vl, "llava": tiny.tiny_llava, "llava_next": tiny.tiny_llava_next}[kind]
+    build = functools.partial(tiny.tiny_model, kind)
     model = build(dtype=torch.float64, seed=3)
     adapter = adapter_for(model)
     proc = TinyProcessor(model)
@@ -223,7 +226,7 @@ def test_box_rasterisation_hand_computed():
     t = box_targets(torch.tensor([[2, 2], [1, 2]]), [[[0.0, 0.0, 0.5, 0.5]], None])
     assert t[0].tolist() == [1, 0, 0, 0] and t[1] is None
     pos = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [0, 0], [0, 1], [0, 2]])
-    t = box_targets((pos, [7]), [[[0.5, 0.0, 1.0, 1.0]]], model_type="llava_next")
+    t = box_targets((pos, [7]), [[[0.5, 0.0, 1.0, 1.0]]], newline_column=True)
     assert t[0].tolist() == [0, 1, 0, 1, 0, 1, 0]
 
 
@@ -357,7 +360,7 @@ def test_hf_chat_processor_splits_prompt_and_answer(tmp_path):
 def test_llava_families_train_and_evaluate(kind, data, tmp_path):
     from token_prune import tiny
 
-    model = {"llava": tiny.tiny_llava, "llava_next": tiny.tiny_llava_next}[kind](seed=0)
+    model = tiny.tiny_model(kind, seed=0)
     rows = list(load_jsonl(data[1]))[:8]
     res = train_vip(model, rows, layer=K, out_dir=tmp_path, steps=3, batch_size=4, lr=3e-3, target_keep=0.5,
                     vip_options=SMALL_VIP, progress=False)

@@ -5,18 +5,37 @@
     out = model.generate(**inputs)      # ordinary HF generate
     handle.stats                        # what was kept, per sample and layer
     handle.remove()                     # the model is exactly as before
+
+Importing the package loads only what patching needs; the training, calibration and evaluation
+entry points below are imported on first use.
 """
 
 from ._ops import compact_tokens
 from .api import PatchHandle, get_handle, patch, unpatch
 from .methods import supported_methods
-from .methods.alvts import LowRankSelector, calibrate_alvts
+from .methods.alvts import LowRankSelector
 from .models import supported_models
 from .vip import GlimpseConfig, GlimpseModules
-from .accuracy import eval_accuracy, train_small_lvlm  # noqa: F401,E402 (accuracy benchmark, issue 7)
-from .train import evaluate_vip, train_vip  # noqa: F401,E402 (GlimpsePrune stage 1 training, issue 5)
 
 __version__ = "0.1.0"
+
+# name -> module of the entry points that pull in heavier code (training loops, data, reports).
+_LAZY = {
+    "train_vip": "train",
+    "evaluate_vip": "train",
+    "calibrate_alvts": "alvts_calibration",
+    "train_small_lvlm": "eval",
+    "eval_accuracy": "eval",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "patch",
@@ -26,9 +45,13 @@ __all__ = [
     "GlimpseConfig",
     "GlimpseModules",
     "compact_tokens",
-    "calibrate_alvts",
     "LowRankSelector",
     "supported_methods",
     "supported_models",
+    "train_vip",
+    "evaluate_vip",
+    "calibrate_alvts",
+    "train_small_lvlm",
+    "eval_accuracy",
     "__version__",
 ]

@@ -6,7 +6,8 @@ import torch
 
 from . import hf
 from .methods import method_class
-from .models import Runtime, adapter_for
+from .models import adapter_for
+from .runtime import Runtime
 
 _ATTR = "_token_prune_handle"
 

@@ -11,10 +11,13 @@ import sys
 import time
 import warnings
 
+from token_prune.methods import supported_methods
+from token_prune.models import DEFAULT_MODEL, supported_models
+
 
 def _demo(args) -> int:
     if getattr(args, "trained", None):
-        from token_prune.accuracy import trained_demo
+        from token_prune.eval.cli import trained_demo
 
         return trained_demo(args)
     import torch
@@ -23,20 +26,9 @@ def _demo(args) -> int:
     from token_prune import tiny
 
     torch.manual_seed(args.seed)
-    llava_samples = lambda: [tiny.SampleSpec(images=((56, 56),)), tiny.SampleSpec(images=((56, 56),), prefix_len=6)]  # noqa: E731
-    next_samples = lambda: [tiny.SampleSpec(images=((112, 56),)), tiny.SampleSpec(images=((60, 90),), prefix_len=6)]  # noqa: E731
-    builders = {
-        "qwen2_5_vl": (tiny.tiny_qwen2_5_vl, tiny.qwen_inputs, tiny.default_samples),
-        "llava": (tiny.tiny_llava, tiny.llava_inputs, llava_samples),
-        "llava_next": (tiny.tiny_llava_next, tiny.llava_next_inputs, next_samples),
-    }
-    if args.model not in builders:
-        print(f"unknown demo model {args.model!r}; choose from {', '.join(sorted(builders))}", file=sys.stderr)
-        return 2
-    build, make_inputs, samples = builders[args.model]
     t0 = time.perf_counter()
-    model = build(attn_implementation=args.attn, seed=args.seed)
-    inputs = make_inputs(model, samples(), seed=args.seed)
+    model = tiny.tiny_model(args.model, attn_implementation=args.attn, seed=args.seed)
+    inputs = tiny.make_inputs(model, tiny.default_samples(args.model), seed=args.seed)
     print(f"tiny {args.model}: {model.config.text_config.num_hidden_layers} decoder layers, "
           f"built in {time.perf_counter() - t0:.1f}s (random weights, no download)")
 
@@ -96,8 +88,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="prune a tiny random-weight model built from a config (no download)")
-    demo.add_argument("--model", default="qwen2_5_vl", choices=["qwen2_5_vl", "llava", "llava_next"])
-    demo.add_argument("--method", default="glimpse")
+    demo.add_argument("--model", default=DEFAULT_MODEL, choices=supported_models())
+    demo.add_argument("--method", default="glimpse", choices=supported_methods())
     demo.add_argument("--keep-ratio", type=float, default=None,
                       help="keep exactly this fraction of each image's tokens (default: threshold rule)")
     demo.add_argument("--threshold", type=float, default=None)
@@ -114,17 +106,17 @@ def main(argv=None) -> int:
     demo.add_argument("--picture", default=None, help="--trained: picture path (default: DIR/demo_<method>.png)")
     demo.set_defaults(func=_demo)
 
-    from token_prune.accuracy import add_subcommands as _accuracy_subcommands
+    from token_prune.eval.cli import add_subcommands as _accuracy_subcommands
 
     _accuracy_subcommands(sub)  # train-small-lvlm, eval-accuracy
 
-    from token_prune.calibrate_cli import add_subcommands as _calibrate_subcommands
+    from token_prune.alvts_calibration import add_subcommands as _calibrate_subcommands
 
     _calibrate_subcommands(sub)  # calibrate-alvts
 
     from token_prune.train import add_subcommands as _train_subcommands
 
-    _train_subcommands(sub)  # train-vip, eval-vip (GlimpsePrune stage 1, issue 5)
+    _train_subcommands(sub)  # train-vip, eval-vip (GlimpsePrune stage 1)
 
     from token_prune.bench import add_arguments as _bench_arguments
 

@@ -225,10 +225,12 @@ class Arch:
 
 
 def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None) -> Arch:
-    """An :class:`Arch` from a Hugging Face Qwen2.5-VL / LLaVA / LLaVA-NeXT config object."""
-    family = config.model_type
+    """An :class:`Arch` from the Hugging Face config of any supported family (its adapter
+    describes the vision tower and the decoder's biases)."""
+    from .models import adapter_class
+
+    family = adapter_class(config.model_type)
     tc = config.text_config
-    vc = config.vision_config
     heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     lm = LMSpec(
@@ -239,50 +241,17 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
         head_dim=head_dim,
         intermediate=tc.intermediate_size,
         vocab=tc.vocab_size,
-        qkv_bias=family == "qwen2_5_vl" or bool(getattr(tc, "attention_bias", False)),
+        qkv_bias=family.qkv_bias(config),
         tied_embeddings=bool(
             getattr(tc, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
         ),
     )
-    if family == "qwen2_5_vl":
-        vision = VisionSpec(
-            kind="qwen_vit",
-            depth=vc.depth,
-            width=vc.hidden_size,
-            heads=vc.num_heads,
-            intermediate=vc.intermediate_size,
-            patch=vc.patch_size,
-            in_channels=vc.in_channels,
-            out=vc.out_hidden_size,
-            temporal_patch=vc.temporal_patch_size,
-            merge=vc.spatial_merge_size,
-            window=vc.window_size,
-            fullatt=tuple(vc.fullatt_block_indexes),
-        )
-    elif family in ("llava", "llava_next"):
-        pins = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
-        vision = VisionSpec(
-            kind="clip",
-            depth=vc.num_hidden_layers,
-            width=vc.hidden_size,
-            heads=vc.num_attention_heads,
-            intermediate=vc.intermediate_size,
-            patch=vc.patch_size,
-            in_channels=vc.num_channels,
-            out=tc.hidden_size,
-            image_size=vc.image_size,
-            grid_pinpoints=pins,
-        )
-    else:
-        raise ValueError(f"cost model: unsupported model_type {family!r}")
-    vw = vision.width
-    vip = VIPSpec(llm_heads=heads, vision_width=vw)
+    vision = family.cost_vision_spec(config)
+    vip = VIPSpec(llm_heads=heads, vision_width=vision.width)
     if alvts_rank is None:
-        # The ModelAdapter default: published ranks, else hidden / 16.
-        alvts_rank = (
-            {2048: 128}.get(lm.hidden, max(4, lm.hidden // 16)) if family == "qwen2_5_vl" else max(4, lm.hidden // 16)
-        )
-    return Arch(family=family, lm=lm, vision=vision, vip=vip, alvts_rank=alvts_rank, dtype_bytes=dtype_bytes)
+        alvts_rank = family.alvts_rank_for(lm.hidden)
+    return Arch(family=config.model_type, lm=lm, vision=vision, vip=vip, alvts_rank=alvts_rank,
+                dtype_bytes=dtype_bytes)
 
 
 # -- prompt layout -----------------------------------------------------------------------
@@ -293,33 +262,9 @@ def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_afte
 
     Returns ``{"text": T, "visual": N, "prompt": T + N, "vision_patches" | "tiles": ...}``.
     """
-    family = config.model_type
-    h, w = image_hw
-    if family == "qwen2_5_vl":
-        vc = config.vision_config
-        unit = vc.patch_size * vc.spatial_merge_size
-        if h % unit or w % unit:
-            raise ValueError(f"Qwen2.5-VL image sizes must be multiples of {unit} px, got {h}x{w}")
-        n = (h // unit) * (w // unit)
-        text = text_before + 2 + text_after  # + vision_start, vision_end
-        return {
-            "text": text,
-            "visual": n,
-            "prompt": text + n,
-            "vision_patches": (h // vc.patch_size) * (w // vc.patch_size),
-        }
-    if family == "llava":
-        vc = config.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2
-        text = 1 + text_before + text_after  # + BOS
-        return {"text": text, "visual": n, "prompt": text + n, "tiles": 1}
-    if family == "llava_next":
-        from .tiny import llava_next_num_image_tokens, llava_next_tile_count
+    from .tiny import prompt_layout as layout
 
-        n = llava_next_num_image_tokens(config, h, w)
-        text = 1 + text_before + text_after
-        return {"text": text, "visual": n, "prompt": text + n, "tiles": llava_next_tile_count(config, h, w)}
-    raise ValueError(f"unsupported model_type {family!r}")
+    return layout(config, image_hw, text_before, text_after)
 
 
 def kept_count(n: int, keep_ratio: float) -> int:

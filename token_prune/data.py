@@ -402,31 +402,23 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 class TinyProcessor:
     """Rows -> inputs for models built from a config with no tokenizer or image processor: the tiny
     models of :mod:`token_prune.tiny`, or a full-size architecture with random weights (the
-    training benchmark). Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT; offline.
+    training benchmark). Any supported family; offline.
 
     * Text: words (``\\w+`` or single punctuation) map to ids of the vocabulary (below 32000,
       special ids excluded) by a CRC32 hash, so the mapping is deterministic across runs and
       machines. The answer ends with the EOS id.
-    * Qwen2.5-VL: the image is resized to a multiple of the merged-token unit (patch x merge px;
-      16 px for the tiny model) with its longer side at most ``max_side``; ``pixel_values`` are
-      laid out as the HF image processor lays them out (patches grouped by merge unit,
-      channel-major, the frame repeated over the temporal patch; checked against
-      ``Qwen2VLImageProcessorPil`` in the tests). Prompt: ``<vision_start> <image>*N
-      <vision_end> question``.
-    * LLaVA-1.5: the image is resized to the tower's square input. Prompt:
-      ``<bos> <image>*N question``.
-    * LLaVA-NeXT: base tile (the image resized to the tile) plus anyres tiles of the best
-      canvas (aspect kept, centred, zero padded), with ``image_sizes``.
-
-    Pixels are scaled to [-1, 1].
+    * The image and its place in the prompt (before the question) are encoded as the family's
+      processor does it (the adapter's ``encode_image`` and ``prompt_tokens``; e.g. Qwen2.5-VL
+      resizes to a multiple of its merged-token unit with the longer side at most ``max_side``,
+      LLaVA-NeXT cuts anyres tiles). Pixels are scaled to [-1, 1].
     """
 
     def __init__(self, model, max_side: int = 128):
+        from .models import adapter_class
+
         self.config = model.config
         self.dtype = model.dtype
-        self.kind = self.config.model_type
-        if self.kind not in ("qwen2_5_vl", "llava", "llava_next"):
-            raise ValueError(f"TinyProcessor does not know model_type {self.kind!r}")
+        self.family = adapter_class(self.config.model_type)
         self.max_side = max_side
         tc = self.config.text_config
         gen = getattr(model, "generation_config", None)
@@ -439,90 +431,25 @@ class TinyProcessor:
                     return int(v)
             return default
 
-        special = set()
-        for obj in (self.config, tc):
-            for key in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
-                        "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
-                v = getattr(obj, key, None)
-                special.update([int(v)] if isinstance(v, int) else [int(x) for x in (v or [])])
         self.eos_id = first(tc.eos_token_id, getattr(gen, "eos_token_id", None), default=2)
         self.pad_token_id = first(tc.pad_token_id, getattr(gen, "pad_token_id", None), default=0)
-        self.bos_id = first(tc.bos_token_id, default=1)
-        special.update({self.eos_id, self.pad_token_id, self.bos_id})
+        special = self.family.special_ids(self.config) | {self.eos_id, self.pad_token_id}
         self.text_ids = [i for i in range(min(tc.vocab_size, 32000)) if i not in special]
 
     def word_ids(self, text: str) -> list[int]:
         return [self.text_ids[zlib.crc32(w.lower().encode()) % len(self.text_ids)] for w in _WORD.findall(text)]
 
-    @staticmethod
-    def _to_tensor(image) -> torch.Tensor:
-        """PIL RGB -> [3, H, W] float in [-1, 1]."""
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        t = data.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float()
-        return t / 127.5 - 1.0
-
     def encode(self, row: VipRow) -> Encoded:
         image = _open_image(row)
         q, a = self.word_ids(row.question), self.word_ids(row.answer) + [self.eos_id]
-        dtype = self.dtype
-        if self.kind == "qwen2_5_vl":
-            pixels, grid, n_img = self._qwen_pixels(image)
-            cfg = self.config
-            prompt = [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + q
-            types = [0] + [1] * n_img + [0] * (1 + len(q)) + [0] * len(a)
-            ids = prompt + a
-            inputs = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          mm_token_type_ids=torch.tensor([types]), pixel_values=pixels.to(dtype),
-                          image_grid_thw=grid)
-        else:
-            vc = self.config.vision_config
-            side = vc.image_size
-            if self.kind == "llava":
-                n_img = (side // vc.patch_size) ** 2
-                pixels = self._to_tensor(image.resize((side, side)))[None]
-                extra = {}
-            else:
-                pixels, n_img = self._next_pixels(image)
-                extra = dict(image_sizes=torch.tensor([[image.size[1], image.size[0]]]))
-            prompt = [self.bos_id] + [self.config.image_token_id] * n_img + q
-            ids = prompt + a
-            inputs = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          pixel_values=pixels.to(dtype), **extra)
+        pixels, n_img = self.family.encode_image(self.config, image, self.max_side)
+        prompt, types = self.family.prompt_tokens(self.config, [("image", n_img), ("text", q)])
+        ids = prompt + a
+        inputs = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        if self.family.uses_token_types():
+            inputs["mm_token_type_ids"] = torch.tensor([types + [0] * len(a)])
+        inputs.update({k: v.to(self.dtype) if v.is_floating_point() else v for k, v in pixels.items()})
         return Encoded(inputs=inputs, prompt_len=len(prompt), boxes=row.boxes, ref=row.ref)
-
-    def _qwen_pixels(self, image):
-        vc = self.config.vision_config
-        P, m, T = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
-        unit = P * m
-        w, h = image.size
-        scale = min(1.0, self.max_side / max(w, h))
-        W = max(unit, int(round(w * scale / unit)) * unit)
-        H = max(unit, int(round(h * scale / unit)) * unit)
-        x = self._to_tensor(image.resize((W, H)))  # [C, H, W]
-        C = x.shape[0]
-        gh, gw = H // P, W // P
-        frames = x[None].expand(T, C, H, W)  # one image = the frame repeated over the temporal patch
-        p = frames.reshape(1, T, C, gh // m, m, P, gw // m, m, P)
-        p = p.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gh * gw, C * T * P * P)
-        return p, torch.tensor([[1, gh, gw]]), gh * gw // (m * m)
-
-    def _next_pixels(self, image):
-        from .tiny import best_resolution, llava_next_num_image_tokens
-
-        cfg = self.config
-        tile = cfg.vision_config.image_size
-        w, h = image.size
-        ph, pw = best_resolution(h, w, cfg.image_grid_pinpoints)
-        scale = min(pw / w, ph / h)
-        nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
-        canvas = torch.zeros(3, ph, pw)
-        top, left = (ph - nh) // 2, (pw - nw) // 2
-        canvas[:, top:top + nh, left:left + nw] = self._to_tensor(image.resize((nw, nh)))
-        tiles = [self._to_tensor(image.resize((tile, tile)))]
-        for r in range(ph // tile):
-            for c in range(pw // tile):
-                tiles.append(canvas[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile])
-        return torch.stack(tiles)[None], llava_next_num_image_tokens(cfg, h, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +473,7 @@ def rasterise_boxes(boxes: Iterable[Sequence[float]], rows: int, cols: int) -> t
     return mask.flatten()
 
 
-def box_targets(layout, boxes_per_image: list, model_type: str = "") -> list[torch.Tensor | None]:
+def box_targets(layout, boxes_per_image: list, newline_column: bool = False) -> list[torch.Tensor | None]:
     """Per image, the [n_tokens] float 0/1 target of its visual tokens (None: no boxes).
 
     Args:
@@ -554,7 +481,8 @@ def box_targets(layout, boxes_per_image: list, model_type: str = "") -> list[tor
             ``(positions [N, 2], lengths)`` (LLaVA-NeXT: per image a base grid, then the
             unpadded high-res grid whose last column is the row-newline token).
         boxes_per_image: normalised boxes of each image, or None.
-        model_type: the model's type (``llava_next`` marks the newline column as background).
+        newline_column: the last column of every grid after an image's first is a row-newline
+            token (LLaVA-NeXT's high-res grid), which carries no image content: background.
     """
     out: list[torch.Tensor | None] = []
     if isinstance(layout, torch.Tensor):
@@ -581,7 +509,7 @@ def box_targets(layout, boxes_per_image: list, model_type: str = "") -> list[tor
             seg = pos[a:b]
             rows = int(seg[:, 0].max()) + 1
             cols = int(seg[:, 1].max()) + 1
-            if model_type == "llava_next" and s > 0:
+            if newline_column and s > 0:
                 cols -= 1  # the newline column carries no image content
             cells = rasterise_boxes(boxes, rows, max(cols, 1)).view(rows, max(cols, 1))
             r, c = seg[:, 0], seg[:, 1]

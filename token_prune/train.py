@@ -83,6 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hf
+from .models import DEFAULT_MODEL, supported_models
 from .data import (Encoded, HFChatProcessor, TinyProcessor, as_dataset, box_targets, collate, prompt_inputs)
 from .runtime import PrefillResult
 from .vip import GlimpseConfig, GlimpseModules
@@ -116,7 +117,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 class SoftGlimpseStudent:
     """The model pruned by the VIP's soft keep mask (see the module docstring).
 
-    Installed with a :class:`~token_prune.models.base.Runtime`; before each forward the trainer
+    Installed with a :class:`~token_prune.runtime.Runtime`; before each forward the trainer
     sets ``answer_mask`` ([B, S] bool, the teacher-forced answer tokens). After it, ``last``
     holds the VIP ``logits`` [N] (images concatenated), ``sizes`` (tokens per image) and the
     vision ``layout``.
@@ -535,7 +536,8 @@ def train_vip(
         A :class:`TrainResult`.
     """
     from . import api
-    from .models import Runtime, adapter_for
+    from .models import adapter_for
+    from .runtime import Runtime
 
     if api.get_handle(model) is not None:
         raise ValueError("the model is patched; call token_prune.unpatch(model) before training")
@@ -661,7 +663,7 @@ def train_vip(
                 mb = next(it)
                 with autocast:
                     loss, info = _micro_step(model, runtime, student, mb, weights, target_keep, device,
-                                             model_dtype, adapter.model_type)
+                                             model_dtype, adapter.has_newline_tokens)
                 (loss / grad_accum).backward()
                 shift += info.pop("_shift", 0.0) / grad_accum
                 for k, v in info.items():
@@ -713,7 +715,7 @@ class _null:
         return False
 
 
-def _micro_step(model, runtime, student, mb, weights, target_keep, device, model_dtype, model_type):
+def _micro_step(model, runtime, student, mb, weights, target_keep, device, model_dtype, newline_column):
     inputs = _to_device(mb["inputs"], device, model_dtype)
     answer_lens = mb["answer_lens"].to(device)
     keep = int(answer_lens.max()) + 1
@@ -763,7 +765,7 @@ def _micro_step(model, runtime, student, mb, weights, target_keep, device, model
         if len(sizes) != len(mb["boxes"]):
             raise ValueError(f"box targets need one image per row; the batch has {len(mb['boxes'])} rows and "
                              f"{len(sizes)} images")
-        targets = box_targets(last["layout"], mb["boxes"], model_type)
+        targets = box_targets(last["layout"], mb["boxes"], newline_column)
         per_logits = _split(logits, sizes)
         dl, bl, n = 0.0, 0.0, 0
         for lg, pr, tg in zip(per_logits, per_image, targets):
@@ -925,9 +927,6 @@ def evaluate_vip(model, vip, dataset, *, processor=None, threshold: float = 0.5,
 # Command line: token-prune train-vip / eval-vip
 # --------------------------------------------------------------------------------------------
 
-TINY_MODELS = ("qwen2_5_vl", "llava", "llava_next")
-
-
 def load_model(model_dir: str | None = None, tiny: str | None = None, device: str | None = None,
                dtype: str | None = None, model_seed: int = 0):
     """(model, processor) for the CLI: a local HF checkpoint directory (``AutoModelForImageTextToText``
@@ -942,13 +941,9 @@ def load_model(model_dir: str | None = None, tiny: str | None = None, device: st
         raise ValueError(f"--dtype must be one of {sorted(names)}, got {dtype!r}")
     torch_dtype = names[dtype] if dtype else (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if tiny is not None:
-        from . import tiny as tiny_mod
+        from .tiny import tiny_model
 
-        if tiny not in TINY_MODELS:
-            raise ValueError(f"--tiny must be one of {', '.join(TINY_MODELS)}, got {tiny!r}")
-        build = {"qwen2_5_vl": tiny_mod.tiny_qwen2_5_vl, "llava": tiny_mod.tiny_llava,
-                 "llava_next": tiny_mod.tiny_llava_next}[tiny]
-        model = build(seed=model_seed, dtype=torch_dtype, device=device)
+        model = tiny_model(tiny, seed=model_seed, dtype=torch_dtype, device=device)  # ValueError if unknown
         return model, TinyProcessor(model)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -962,8 +957,9 @@ def load_model(model_dir: str | None = None, tiny: str | None = None, device: st
 def _model_args(p) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint directory (model + processor)")
-    g.add_argument("--tiny", nargs="?", const="qwen2_5_vl", choices=TINY_MODELS,
-                   help="use a built-in tiny random-weight model (default qwen2_5_vl) and synthetic data (offline)")
+    g.add_argument("--tiny", nargs="?", const=DEFAULT_MODEL, choices=supported_models(),
+                   help=f"use a built-in tiny random-weight model (default {DEFAULT_MODEL}) and synthetic data "
+                        "(offline)")
     p.add_argument("--model-seed", type=int, default=0, help="--tiny: seed of the tiny model's weights")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on CUDA, fp32 on CPU)")

@@ -38,8 +38,8 @@ import weakref
 import torch
 
 from .. import _ops, hf, nvtx
-from ..runtime import PrefillResult, causal_mask, compact_batch
-from .glimpse import _check_fraction
+from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores
+from .base import PruningMethod, check_fraction, check_int, check_layer, image_sizes
 
 FORMAT = "token_prune.alvts_selector"
 #: ``impl`` of :func:`selection_scores` during a prefill ("auto": fused SDPA on a GPU)
@@ -261,8 +261,6 @@ def _selection_scores_sdpa(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor
 
 def topk_per_image(scores: torch.Tensor, visual: torch.Tensor, sizes: list[int], keep_ratio: float) -> torch.Tensor:
     """[B, S] bool: the top ``ceil(keep_ratio * n)`` visual tokens of each image (ties to the earlier token)."""
-    from ..runtime import keep_mask_from_scores
-
     sel = torch.zeros_like(visual)
     sel[visual] = keep_mask_from_scores(scores[visual], sizes, keep_ratio=keep_ratio, scores_are_logits=False)
     return sel
@@ -283,32 +281,25 @@ def scatter_rows(full: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, 
     return out
 
 
-class ALVTS:
+class ALVTS(PruningMethod):
     """Options: ``keep_ratio`` (0.11), ``rank`` (None: per-model default), ``start_layer`` (0),
     ``selector`` (None: SVD factors of each layer's q/k; or a directory from
-    :func:`calibrate_alvts`), ``skipped`` (``"context"`` or ``"drop"``: what a skipped token
-    is at a layer it skips; see the module docstring)."""
+    :func:`~token_prune.alvts_calibration.calibrate_alvts`), ``skipped`` (``"context"`` or
+    ``"drop"``: what a skipped token is at a layer it skips; see the module docstring)."""
 
     name = "alvts"
 
     def __init__(self, adapter, *, keep_ratio: float = 0.11, rank: int | None = None, start_layer: int = 0,
                  selector=None, skipped: str = "context"):
-        _check_fraction("keep_ratio", keep_ratio)
+        super().__init__(adapter)
+        self.keep_ratio = check_fraction("keep_ratio", keep_ratio, allow_none=False)
         if skipped not in SKIPPED_MODES:
             raise ValueError(f"skipped must be one of {SKIPPED_MODES}, got {skipped!r}")
         self.skipped = skipped
-        if keep_ratio is None:
-            raise ValueError("keep_ratio must be in (0, 1], got None")
         n = adapter.num_layers
-        if isinstance(start_layer, bool) or not isinstance(start_layer, int):
-            raise TypeError(f"start_layer must be an int, got {type(start_layer).__name__}")
-        if not 0 <= start_layer < n:
-            raise ValueError(f"start_layer must be in [0, {n - 1}] for this {n}-layer model, got {start_layer}")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        self.adapter = adapter
-        self.keep_ratio = float(keep_ratio)
-        self.start_layer = start_layer
+        self.start_layer = start_layer = check_layer("start_layer", start_layer, n)
+        if rank is not None:
+            rank = check_int("rank", rank, 1)
         layers = list(range(start_layer, n))
         if selector is None:
             self.rank = rank or adapter.default_alvts_rank()
@@ -333,19 +324,13 @@ class ALVTS:
         self.selector.to(device=param.device, dtype=param.dtype)
         self.last_processed: list[torch.Tensor] = []
 
-    def vision_layers(self) -> list[int]:
-        return []
-
     def options(self) -> dict:
         return dict(keep_ratio=self.keep_ratio, rank=self.rank, start_layer=self.start_layer,
                     selector=self.selector_source, skipped=self.skipped)
 
     def prefill(self, rt, lm, batch, cache, use_cache, kwargs) -> PrefillResult:
         adapter = rt.adapter
-        sizes = rt.ctx.image_sizes
-        if sizes is None:
-            from .fastv import image_sizes_from_runs
-            sizes = image_sizes_from_runs(batch.visual, None)
+        sizes = image_sizes(batch.visual, rt.ctx.image_sizes)
         layers = lm.layers
         full_valid = batch.valid
         hidden = batch.hidden
@@ -403,208 +388,3 @@ class ALVTS:
         if context:
             layer_masks = None  # every layer's cache holds the whole prompt: one shared decode mask
         return PrefillResult(hidden, batch, stats, layer_masks)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _layer_inputs(model, adapter, inputs: dict, layer: int):
-    """Input hidden states [B, S, H] and rotary (cos, sin) of decoder layer ``layer`` in the
-    unpatched model; the forward is cut short right after that layer's input is seen."""
-    seen = {}
-
-    def pre(module, args, kwargs):
-        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
-        seen["rope"] = tuple(t.detach() for t in kwargs["position_embeddings"])
-        raise _Stop
-
-    h = adapter.lm.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return seen["x"], seen["rope"]
-
-
-def _masks(model, inputs):
-    ids = inputs["input_ids"]
-    valid = inputs.get("attention_mask")
-    valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
-    visual = ids == model.config.image_token_id
-    return valid, visual
-
-
-def score_error(selector, model, samples, layers=None) -> dict:
-    """Relative squared error of the selector's scores against the full-rank oracle and the
-    overlap of its per-image top-k with the oracle's top-k (k = 11% of each image), per layer.
-
-    Returns ``{"rel_mse": [per layer], "topk_overlap": [per layer]}`` averaged over ``samples``.
-    """
-    from ..models import adapter_for
-
-    adapter = adapter_for(model)
-    layers = layers if layers is not None else sorted(int(k) for k in selector.layers)
-    rel, overlap = [], []
-    for li in layers:
-        r_sum = o_sum = 0.0
-        for inputs in samples:
-            x, (cos, sin) = _layer_inputs(model, adapter, inputs, li)
-            valid, visual = _masks(model, inputs)
-            with torch.no_grad():
-                q, k = adapter.project_qk(li, x, cos, sin)
-                oracle = selection_scores(q, k, valid, visual)
-                q, k = selector.qk(adapter, li, x, cos, sin)
-                got = selection_scores(q, k, valid, visual)
-            r_sum += float(_rel_mse(got, oracle, visual))
-            sizes = _runs(visual)
-            a = topk_per_image(oracle, visual, sizes, 0.11)
-            b = topk_per_image(got, visual, sizes, 0.11)
-            o_sum += float((a & b).sum()) / max(1, int(a.sum()))
-        rel.append(r_sum / len(samples))
-        overlap.append(o_sum / len(samples))
-    return {"layers": layers, "rel_mse": rel, "topk_overlap": overlap}
-
-
-def _rel_mse(got, oracle, visual):
-    # Scores are products of mean attentions (~1/N^2): compare relative to the oracle's scale.
-    g, o = got[visual].float(), oracle[visual].float()
-    return ((g - o) ** 2).mean() / (o ** 2).mean().clamp(min=1e-30)
-
-
-def _runs(visual):
-    from .fastv import image_sizes_from_runs
-
-    return image_sizes_from_runs(visual, None)
-
-
-def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, lr: float = 1e-3,
-                    start_layer: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
-                    seed: int = 0, proj_weight: float = 0.5, val_fraction: float = 0.25) -> LowRankSelector:
-    """Fit the ALVTS low-rank selector of every layer to the full-rank score (model frozen).
-
-    Starts from the truncated-SVD factors of each layer's q/k projections and minimises, with
-    Adam, the squared error between the low-rank score S and the oracle score S* (both from
-    :func:`selection_scores`, on the unpatched model's own layer inputs), relative to the
-    oracle's scale, summed over ``samples``. Two guards against over-fitting a small
-    calibration set: a data-aware projection term (``proj_weight`` times the relative error of
-    the low-rank q/k against the full-rank q/k on the same tokens) and early stopping on a
-    held-out ``val_fraction`` of the samples (the factors of the best validation step are kept,
-    and step 0 is the SVD start, so validation never ends worse than SVD).
-
-    Args:
-        model: an unpatched supported model (its weights are not changed).
-        samples: list of model input dicts (processor output), each a batch with images.
-        rank: factor rank R (default: the per-model default).
-        steps: optimisation steps per layer (each step visits every sample).
-        start_layer: first layer to calibrate (layers before it are never pruned by ALVTS).
-        out: directory to save the selector to (``selector.safetensors`` + ``selector.json``).
-
-    Returns:
-        The calibrated :class:`LowRankSelector`.
-    """
-    from tqdm.auto import tqdm
-
-    from ..api import get_handle
-    from ..models import adapter_for
-
-    if get_handle(model) is not None:
-        raise ValueError("calibrate_alvts needs the unpatched model: remove the patch first")
-    if not samples:
-        raise ValueError("calibrate_alvts needs at least one sample")
-    adapter = adapter_for(model)
-    rank = rank or adapter.default_alvts_rank()
-    layers = list(range(start_layer, adapter.num_layers))
-    selector = LowRankSelector.from_svd(adapter, rank, layers)
-    param = next(model.parameters())
-    selector.to(device=param.device)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(samples), generator=gen).tolist()
-    n_val = int(round(val_fraction * len(samples))) if len(samples) >= 4 else 0
-    val_idx, train_idx = set(order[:n_val]), order[n_val:]
-    bar = tqdm(total=len(layers) * steps, desc="calibrating ALVTS", disable=not progress)
-    history = {}
-    for li in layers:
-        data = []
-        for inputs in samples:
-            x, (cos, sin) = _layer_inputs(model, adapter, inputs, li)
-            valid, visual = _masks(model, inputs)
-            with torch.no_grad():
-                q, k = adapter.project_qk(li, x, cos, sin)
-                oracle = selection_scores(q, k, valid, visual).float()
-            data.append((x, cos, sin, valid, visual, oracle, q.float(), k.float()))
-        f = selector.layers[str(li)]
-        # Optimise in float32 whatever the model dtype; write back in the model's dtype.
-        params = {n: torch.nn.Parameter(getattr(f, n).detach().float().clone()) for n in ("q_a", "q_b", "k_a", "k_b")}
-        opt = torch.optim.Adam(params.values(), lr=lr)
-
-        def loss_of(i):
-            x, cos, sin, valid, visual, oracle, q_full, k_full = data[i]
-            q, k = _lowrank_qk(adapter, li, x, cos, sin, params)
-            loss = _rel_mse(selection_scores(q, k, valid, visual), oracle, visual)
-            if proj_weight:
-                m = valid[:, None, :, None]
-                for a, b in ((q, q_full), (k, k_full)):
-                    loss = loss + proj_weight * ((a - b) ** 2 * m).sum() / ((b ** 2) * m).sum().clamp(min=1e-30) / 2
-            return loss
-
-        def val_loss():
-            if not val_idx:
-                return None
-            with torch.no_grad():
-                return sum(float(_rel_mse(selection_scores(*_lowrank_qk(adapter, li, *data[i][:3], params),
-                                                           data[i][3], data[i][4]), data[i][5], data[i][4]))
-                           for i in val_idx) / len(val_idx)
-
-        best = (val_loss(), {n: p.detach().clone() for n, p in params.items()})
-        losses = []
-        for _ in range(steps):
-            opt.zero_grad()
-            total = 0.0
-            for i in train_idx:
-                loss = loss_of(i) / len(train_idx)
-                loss.backward()
-                total += loss.item()
-            opt.step()
-            v = val_loss()
-            if v is not None and v < best[0]:
-                best = (v, {n: p.detach().clone() for n, p in params.items()})
-            losses.append(total)
-            bar.update(1)
-            bar.set_postfix(layer=li, loss=f"{total:.3g}", val=f"{v:.3g}" if v is not None else "-")
-        history[li] = losses
-        chosen = best[1] if best[0] is not None else {n: p.detach() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in chosen.items():
-                getattr(f, n).copy_(p.to(getattr(f, n).dtype))
-    bar.close()
-    selector.to(dtype=param.dtype)
-    selector.calibration_loss = history
-    if out is not None:
-        selector.save(out, meta={"model_type": adapter.model_type, "num_layers": adapter.num_layers,
-                                 "hidden_size": adapter.hidden_size, "steps": steps, "lr": lr,
-                                 "samples": len(samples), "start_layer": start_layer,
-                                 "final_loss": {str(k): v[-1] for k, v in history.items()}})
-    return selector
-
-
-def _lowrank_qk(adapter, layer, x, cos, sin, params):
-    """Differentiable low-rank q~/k~ (float32) for calibration."""
-    mod = adapter.lm.layers[layer]
-    attn = mod.self_attn
-    with torch.no_grad():
-        h = mod.input_layernorm(x).float()
-    B, S, _ = h.shape
-    d = adapter.head_dim
-    q = (h @ params["q_a"].T) @ params["q_b"].T
-    k = (h @ params["k_a"].T) @ params["k_b"].T
-    if attn.q_proj.bias is not None:
-        q = q + attn.q_proj.bias.float()
-    if attn.k_proj.bias is not None:
-        k = k + attn.k_proj.bias.float()
-    q = q.view(B, S, -1, d).transpose(1, 2)
-    k = k.view(B, S, -1, d).transpose(1, 2)
-    return hf.apply_rotary(q, cos.float(), sin.float()), hf.apply_rotary(k, cos.float(), sin.float())

@@ -25,21 +25,10 @@ import warnings
 
 import torch
 
-from .. import hf, nvtx
-from ..runtime import (PrefillResult, TokenBatch, causal_mask, compact_batch, keep_mask_from_scores, run_layers,
-                       sample_stats)
-from .. import _ops
+from .. import _ops, hf, nvtx
+from ..runtime import TokenBatch, keep_mask_from_scores
 from ..vip import GlimpseConfig, GlimpseModules
-
-
-def _check_fraction(name, value, low_open=True):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
-    if not ok:
-        raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+from .base import LayerKView, PruneAfterLayer, check_fraction, check_int, check_layer
 
 
 def _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, ext, vis_idx, log_softmax):
@@ -59,7 +48,7 @@ def _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, ext, vis_idx, log_so
                                       ext.valid if log_softmax else None, log_softmax=log_softmax)
 
 
-class GlimpsePrune:
+class GlimpsePrune(PruneAfterLayer):
     """Options (all keyword):
 
     * ``threshold`` (0.5): keep a visual token when ``sigmoid(logit) > threshold``.
@@ -76,26 +65,17 @@ class GlimpsePrune:
     """
 
     name = "glimpse"
+    prunes_cache = True  # the caches of layers 0..K are compacted too: decoding sees only kept tokens
 
     def __init__(self, adapter, *, threshold=0.5, max_keep_ratio=None, min_keep=1, layer=None, keep_ratio=None,
                  vip=None, seed=0):
-        _check_fraction("threshold", threshold, low_open=False)
-        _check_fraction("max_keep_ratio", max_keep_ratio)
-        _check_fraction("keep_ratio", keep_ratio)
-        if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-            raise ValueError(f"min_keep must be a non-negative int, got {min_keep!r}")
+        threshold = check_fraction("threshold", threshold, low_open=False, allow_none=False)
+        max_keep_ratio = check_fraction("max_keep_ratio", max_keep_ratio)
+        check_fraction("keep_ratio", keep_ratio)
+        min_keep = check_int("min_keep", min_keep, 0)
         n_layers = adapter.num_layers
         if layer is not None:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-            if not 0 <= layer < n_layers:
-                raise ValueError(f"layer must be in [0, {n_layers - 1}] for this {n_layers}-layer model, got {layer}")
-        self.adapter = adapter
-        self.threshold = float(threshold)
-        self.max_keep_ratio = max_keep_ratio
-        self.min_keep = min_keep
-        self.keep_ratio = keep_ratio
-
+            layer = check_layer("layer", layer, n_layers)
         modules = self._resolve_vip(adapter, vip, layer, seed)
         modules.check_compatible(
             llm_hidden_size=adapter.hidden_size,
@@ -104,7 +84,11 @@ class GlimpsePrune:
             vision_width=adapter.vision_width(),
             num_vision_blocks=adapter.vision_depth(),
         )
-        self.layer = layer if layer is not None else modules.config.layer
+        super().__init__(adapter, layer=layer if layer is not None else modules.config.layer, keep_ratio=keep_ratio,
+                         keep_ratio_required=False)
+        self.threshold = threshold
+        self.max_keep_ratio = max_keep_ratio
+        self.min_keep = min_keep
         if self.layer != modules.config.layer and vip is not None:
             warnings.warn(
                 f"token_prune: the VIP was trained at layer {modules.config.layer} but pruning at layer "
@@ -113,6 +97,10 @@ class GlimpsePrune:
             )
         param = next(adapter.model.parameters())
         self.modules = modules.to(device=param.device, dtype=param.dtype).eval()
+
+    @classmethod
+    def layer_defaults(cls, family, num_layers):
+        return {"layer": family.glimpse_layer_for(num_layers)}
 
     @staticmethod
     def _resolve_vip(adapter, vip, layer, seed) -> GlimpseModules:
@@ -150,22 +138,12 @@ class GlimpsePrune:
         return dict(threshold=self.threshold, max_keep_ratio=self.max_keep_ratio, min_keep=self.min_keep,
                     layer=self.layer, keep_ratio=self.keep_ratio)
 
-    # -- prefill ---------------------------------------------------------------------------
-    def prefill(self, rt, lm, batch: TokenBatch, cache, use_cache, kwargs):
-        """Run all decoder layers on ``batch``, pruning after layer K.
-
-        Returns (hidden [B, S', H] before the final norm, the compacted batch, per-sample stats).
-        """
-        adapter = rt.adapter
-        ctx = rt.ctx
-        K = self.layer
-        mods = self.modules
+    # -- the method on the shared skeleton -------------------------------------------------------
+    def extend(self, rt, batch: TokenBatch) -> TokenBatch:
+        """The prompt plus the glimpse token (layer-0 vector) at rotary position ``last + 1``."""
         B, S, H = batch.hidden.shape
-        dev = batch.hidden.device
-        gvec = mods.glimpse.all_layers(K).to(batch.hidden.dtype)  # [K+1, H]
-
-        # 1. Append the glimpse token after the last prompt token.
-        hidden = torch.cat([batch.hidden, gvec[0].view(1, 1, H).expand(B, 1, H)], 1)
+        self._gvec = self.modules.glimpse.all_layers(self.layer).to(batch.hidden.dtype)  # [K+1, H]
+        hidden = torch.cat([batch.hidden, self._gvec[0].view(1, 1, H).expand(B, 1, H)], 1)
         gpos = batch.pos[:, :, -1:].amax(0, keepdim=True) + 1
         pos = torch.cat([batch.pos, gpos.expand(batch.pos.shape[0], -1, -1)], 2)
         text_pos = None
@@ -174,83 +152,59 @@ class GlimpsePrune:
         mask2d = batch.mask2d
         if mask2d is not None:
             mask2d = torch.cat([mask2d, mask2d.new_ones(B, 1)], 1)
-        ext = TokenBatch(hidden, pos, text_pos, mask2d,
-                         torch.cat([batch.index, batch.index.new_full((B, 1), -1)], 1),
-                         torch.cat([batch.visual, batch.visual.new_zeros(B, 1)], 1))
+        return TokenBatch(hidden, pos, text_pos, mask2d,
+                          torch.cat([batch.index, batch.index.new_full((B, 1), -1)], 1),
+                          torch.cat([batch.visual, batch.visual.new_zeros(B, 1)], 1))
 
-        mask = causal_mask(lm.config, hidden, mask2d)
-        cos, sin = adapter.rotary(hidden, pos)
-        layers = lm.layers
-        h_in_k = None
-        with nvtx.range("glimpse.layers_0_K"):
-            for i in range(K + 1):
-                if i > 0:
-                    hidden[:, -1] += gvec[i]
-                if i == K:
-                    h_in_k = hidden
-                hidden = hf.call_layer(layers[i], hidden, mask=mask, rope=(cos, sin), text_pos=text_pos, cache=cache,
-                                       use_cache=use_cache, **kwargs)
+    def before_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        # Each layer's own projected glimpse vector is added to the glimpse token's state.
+        if layer > 0:
+            hidden[:, -1] += self._gvec[layer]
+        return hidden
 
-        # 2. Glimpse attention map at layer K.
-        # On a GPU: the fused kernel, with the visual tokens as (sample, position) pairs.
-        vis_idx = batch.visual.nonzero() if _ops.kernels_active(dev, h_in_k) else None  # [N, 2]
+    def select(self, rt, view: LayerKView) -> torch.Tensor:
+        """The VIP's logits from the glimpse map at layer K and the vision features, then the
+        keep rule (threshold, cap, floor, or an exact ``keep_ratio``) per image."""
+        logits = self.score(rt, view)
+        with nvtx.range("glimpse.keep_rule"):
+            return keep_mask_from_scores(logits, view.sizes, threshold=self.threshold,
+                                         max_keep_ratio=self.max_keep_ratio, min_keep=self.min_keep,
+                                         keep_ratio=self.keep_ratio)
+
+    def score(self, rt, view: LayerKView) -> torch.Tensor:
+        """[N] VIP logits of the visual tokens."""
+        adapter, K, mods = self.adapter, self.layer, self.modules
+        seq, prompt, (cos, sin) = view.seq, view.prompt, view.rope
+        h_in_k, cache = seq.hidden, view.cache
+        S = prompt.hidden.shape[1]
+        dev = h_in_k.device
+        log_softmax = mods.config.glimpse_score == "log_softmax"
         with nvtx.range("glimpse.map"):
-            if vis_idx is not None:
-                attn_map = _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, ext, vis_idx,
-                                              mods.config.glimpse_score == "log_softmax")
+            if _ops.kernels_active(dev, h_in_k):
+                vis_idx = prompt.visual.nonzero()  # [N, 2] (sample, position)
+                attn_map = _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, seq, vis_idx, log_softmax)
             else:
                 q, _ = adapter.project_qk(K, h_in_k[:, -1:], cos[:, -1:], sin[:, -1:], want_k=False)
                 if cache is not None:
                     keys = hf.layer_kv(cache, K)[0]
                 else:
                     _, keys = adapter.project_qk(K, h_in_k, cos, sin)
-                groups = q.shape[1] // keys.shape[1]
-                keys = keys.repeat_interleave(groups, dim=1)
+                keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
                 acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32 for the dot products
                 scores = (q.to(acc) @ keys.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, heads, 1, S+1]
-                if mods.config.glimpse_score == "log_softmax":
-                    scores = scores.masked_fill(~ext.valid[:, None, None, :], float("-inf")).log_softmax(-1)
-                attn_map = scores[:, :, 0, :S].transpose(1, 2)[batch.visual]  # [N, heads]
+                if log_softmax:
+                    scores = scores.masked_fill(~seq.valid[:, None, None, :], float("-inf")).log_softmax(-1)
+                attn_map = scores[:, :, 0, :S].transpose(1, 2)[prompt.visual]  # [N, heads]
 
-        # 3. VIP logits and the keep rule, per image.
-        layout = ctx.image_grids  # grids [n_images, 2], or (positions [N, 2], tokens per image)
+        layout = rt.ctx.image_grids  # grids [n_images, 2], or (positions [N, 2], tokens per image)
         if isinstance(layout, torch.Tensor):
-            sizes, where = (layout[:, 0] * layout[:, 1]).tolist(), dict(grid_hw=layout.to(dev))
+            where = dict(grid_hw=layout.to(dev))
         else:
-            sizes = [int(n) for n in layout[1]]
-            where = dict(positions=layout[0].to(dev), lengths=sizes)
-        n_vis = int(batch.visual.sum())
-        if sum(sizes) != n_vis:
-            raise RuntimeError(f"token_prune: {n_vis} image tokens in the prompt but the image grids give {sum(sizes)}")
+            where = dict(positions=layout[0].to(dev), lengths=[int(n) for n in layout[1]])
+        if sum(view.sizes) != attn_map.shape[0]:
+            raise RuntimeError(f"token_prune: {attn_map.shape[0]} image tokens in the prompt but the image layout "
+                               f"gives {sum(view.sizes)}")
         wdtype = next(mods.parameters()).dtype
-        conds = [c.to(wdtype) for c in ctx.vision_features]
+        conds = [c.to(wdtype) for c in rt.ctx.vision_features]
         with nvtx.range("glimpse.vip"):
-            logits = mods.vip(attn_map.to(wdtype), conds, **where)
-            keep_vis = keep_mask_from_scores(
-                logits, sizes, threshold=self.threshold, max_keep_ratio=self.max_keep_ratio,
-                min_keep=self.min_keep, keep_ratio=self.keep_ratio,
-            )
-        keep = ext.valid & ~ext.visual
-        if vis_idx is not None:
-            keep[vis_idx[:, 0], vis_idx[:, 1]] = keep_vis  # no host sync
-        else:
-            keep[:, :S][batch.visual] = keep_vis
-        keep[:, -1] = False
-
-        # 4. Compact hidden states and the cache of layers 0..K; run the rest on the short sequence.
-        ext.hidden = hidden
-        with nvtx.range("glimpse.compact"):
-            caches = []
-            if cache is not None:
-                for i in range(K + 1):
-                    caches += list(hf.layer_kv(cache, i))
-            short, caches = compact_batch(ext, keep, caches)
-            if cache is not None:
-                for i in range(K + 1):
-                    hf.set_layer_kv(cache, i, caches[2 * i], caches[2 * i + 1])
-            if short.mask2d is not None and bool(short.mask2d.bool().all()):
-                short.mask2d = None
-        with nvtx.range("glimpse.layers_K1_L"):
-            hidden = run_layers(rt, lm, short, range(K + 1, len(layers)), cache, use_cache, kwargs)
-        short.hidden = hidden
-        return PrefillResult(hidden, short, sample_stats(batch, keep_vis, sizes))
+            return mods.vip(attn_map.to(wdtype), conds, **where)

@@ -1,8 +1,12 @@
-"""``model_type -> adapter`` registry. One small module per architecture."""
+"""``model_type -> adapter`` registry: one module per model family, one line here per family.
+
+Everything else in the package (patching, the CLI, benchmarks, training, calibration, the cost
+model, the tiny models and the tests) finds a family through this registry.
+"""
 
 from __future__ import annotations
 
-from .base import ModelAdapter, Runtime
+from .base import ModelAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 
@@ -12,9 +16,21 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     LlavaNextAdapter.model_type: LlavaNextAdapter,
 }
 
+#: the family the command line's tiny models and demos use when none is named
+DEFAULT_MODEL = Qwen2_5_VLAdapter.model_type
+
 
 def supported_models() -> list[str]:
+    """The ``model_type`` of every supported family."""
     return sorted(ADAPTERS)
+
+
+def adapter_class(model_type: str) -> type[ModelAdapter]:
+    """The adapter class of ``model_type``; a ValueError naming the supported ones otherwise."""
+    if model_type not in ADAPTERS:
+        raise ValueError(f"token_prune does not support model_type {model_type!r}; "
+                         f"supported: {', '.join(supported_models())}")
+    return ADAPTERS[model_type]
 
 
 def adapter_for(model) -> ModelAdapter:
@@ -29,4 +45,4 @@ def adapter_for(model) -> ModelAdapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "adapter_for", "supported_models", "ModelAdapter", "Runtime"]
+__all__ = ["ADAPTERS", "DEFAULT_MODEL", "adapter_class", "adapter_for", "supported_models", "ModelAdapter"]

@@ -1,27 +1,37 @@
-"""The per-model adapter interface and the machinery that installs a method on a model instance.
+"""The per-model adapter interface.
 
 A :class:`ModelAdapter` knows one HF architecture: where its decoder layers are, how its rotary
 positions and q/k projections work, which tokens are visual, and how to read intermediate vision
-features. The :class:`Runtime` wraps exactly two ``forward`` methods of the *instance* (the
-multimodal model and its language model) plus forward hooks on the vision tower; ``remove()``
-deletes them again, so the class and every other instance are never touched.
+features. The :class:`~token_prune.runtime.Runtime` installs a method through it.
 """
 
 from __future__ import annotations
 
-import inspect
-import weakref
+from typing import TYPE_CHECKING
 
 import torch
 
-from .. import hf, nvtx
-from ..runtime import CallContext, PrunedCacheState, TokenBatch, decode_mask
+from .. import hf
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 
 class ModelAdapter:
-    """Base class: one subclass per HF ``model_type``."""
+    """Base class: one subclass per HF ``model_type``.
+
+    Besides the hooks the runtime needs on a loaded model (instance methods), an adapter carries
+    everything else the package knows about its family, as class-level data and classmethods
+    that work from a config alone: the tiny random-weight model the tests and demos build, how
+    the family's processor lays out an image in the prompt and in ``pixel_values``, and the
+    shapes the cost model needs. No other module names a family.
+    """
 
     model_type: str = ""
+    #: the transformers classes of the family (public API names)
+    hf_model_class: str = ""
+    #: a short human name, for reports
+    display_name: str = ""
     #: decoder depth -> the public GlimpsePrune layer K for that model size
     glimpse_layers: dict[int, int] = {}
     #: relative depth used for K when the model size has no public setting
@@ -73,15 +83,24 @@ class ModelAdapter:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
+    @classmethod
+    def glimpse_layer_for(cls, num_layers: int) -> int:
+        """GlimpsePrune's default K for a ``num_layers``-deep decoder: the public setting of that
+        model size, else ``glimpse_relative_depth`` of the depth."""
+        if num_layers in cls.glimpse_layers:
+            return cls.glimpse_layers[num_layers]
+        return min(num_layers - 1, max(0, round(cls.glimpse_relative_depth * num_layers)))
+
+    @classmethod
+    def alvts_rank_for(cls, hidden_size: int) -> int:
+        """ALVTS selector rank: the published one for this size, else hidden/16 (256 for 4096)."""
+        return cls.alvts_ranks.get(hidden_size, max(4, hidden_size // 16))
+
     def default_glimpse_layer(self) -> int:
-        n = self.num_layers
-        if n in self.glimpse_layers:
-            return self.glimpse_layers[n]
-        return min(n - 1, max(0, round(self.glimpse_relative_depth * n)))
+        return self.glimpse_layer_for(self.num_layers)
 
     def default_alvts_rank(self) -> int:
-        """Published rank for this size, else hidden/16 (256 for a 4096-wide model)."""
-        return self.alvts_ranks.get(self.hidden_size, max(4, self.hidden_size // 16))
+        return self.alvts_rank_for(self.hidden_size)
 
     # -- per-architecture numerics -------------------------------------------------------
     def rotary(self, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,225 +200,122 @@ class ModelAdapter:
         return None
 
 
-class Runtime:
-    """Installs a method on one model instance and carries per-call state."""
+    # -- the family without a model: prompts, pixels, tiny models, cost-model shapes ------------
+    #: text tokens the tiny/synthetic prompts put after each image (a separator that keeps two
+    #: images apart where the family has no image start/end tokens)
+    image_separator_tokens: int = 0
+    #: (height, width) of the image the ``--tiny`` benchmark uses
+    tiny_image: tuple[int, int] = (64, 64)
+    #: whether the visual layout has row-newline tokens (the last column of each row; no box
+    #: target, no vision feature)
+    has_newline_tokens: bool = False
 
-    def __init__(self, adapter: ModelAdapter, method):
-        self.adapter = adapter
-        self.method = method
-        self.ctx: CallContext | None = None
-        self.pruned: PrunedCacheState | None = None
-        self.stats: list[dict] = []
-        self.keep_mask: torch.Tensor | None = None
-        self.vision_captures: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        self._hooks: list = []
-        self._saved: list[tuple[torch.nn.Module, bool, object]] = []
+    @classmethod
+    def special_ids(cls, config) -> set[int]:
+        """Every special token id of the family's config (never used as text)."""
+        ids = set()
+        for obj in (config, config.text_config):
+            for key in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                        "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+                v = getattr(obj, key, None)
+                if isinstance(v, int):
+                    ids.add(v)
+                elif isinstance(v, (list, tuple)):
+                    ids.update(int(x) for x in v)
+        return ids
 
-    # -- install / remove ----------------------------------------------------------------
-    def install(self) -> None:
-        outer, lm = self.adapter.outer, self.adapter.lm
-        try:
-            self._wrap(outer, self._outer_forward)
-            self._wrap(lm, self._lm_forward)
-            # Installed even when the method reads no features: the hooks also record each
-            # image's token grid, which per-image keep rules need.
-            self._hooks.extend(self.adapter.install_vision_hooks(self, self.method.vision_layers()))
-        except Exception:
-            self.remove()  # a failed patch leaves the model untouched
-            raise
+    @classmethod
+    def image_tokens(cls, config, height: int, width: int) -> int:
+        """Visual tokens the family's processor puts in the prompt for a ``height x width`` image."""
+        raise NotImplementedError
 
-    def _wrap(self, module: torch.nn.Module, fn) -> None:
-        had = "forward" in module.__dict__
-        orig = module.__dict__.get("forward")
-        bound = module.forward  # the class method bound to the instance (or a previous instance attribute)
-        ref = weakref.ref(self)
+    @classmethod
+    def prompt_tokens(cls, config, parts: list) -> tuple[list[int], list[int]]:
+        """Token ids and ``mm_token_type_ids`` (0 text, 1 image) of a prompt.
 
-        def forward(*args, **kwargs):
-            rt = ref()
-            if rt is None:
-                return bound(*args, **kwargs)
-            return fn(bound, module, *args, **kwargs)
-
-        forward.__wrapped__ = bound
-        forward.__signature__ = inspect.signature(bound)
-        module.forward = forward
-        self._saved.append((module, had, orig))
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for module, had, orig in reversed(self._saved):
-            if had:
-                module.forward = orig
-            else:
-                module.__dict__.pop("forward", None)
-        self._saved.clear()
-        self.ctx = None
-        self.pruned = None
-
-    # -- vision features -------------------------------------------------------------------
-    def add_vision_capture(self, feats: list[torch.Tensor], grid: torch.Tensor) -> None:
-        self.vision_captures.append((feats, grid))
-        del self.vision_captures[:-4]  # a few passes (images, videos) between two prefills at most
-
-    def take_vision_capture(self, n_visual: int, required: bool = True):
-        """The latest vision pass whose token count matches the prompt's image tokens.
-
-        Returns (features, layout, per-image token counts); (None, None, None) when nothing
-        matches and ``required`` is False.
+        Args:
+            parts: ``("text", [ids])`` and ``("image", n_tokens)`` items in prompt order.
         """
-        for feats, layout in reversed(self.vision_captures):
-            sizes = layout_sizes(layout)
-            if sum(sizes) == n_visual:
-                self.vision_captures.clear()
-                return feats, layout, sizes
-        counts = [sum(layout_sizes(layout)) for _, layout in self.vision_captures]
-        self.vision_captures.clear()
-        if not required:
-            return None, None, None
-        raise RuntimeError(
-            f"token_prune: the prompt has {n_visual} image tokens but no vision-tower pass of that size was seen "
-            f"(seen: {counts or 'none'}). Pass pixel_values to the patched model (precomputed image features "
-            "from before patching cannot be used), and use num_beams=1, num_return_sequences=1."
-        )
+        raise NotImplementedError
 
-    # -- forwards ------------------------------------------------------------------------
-    def _outer_forward(self, orig, module, *args, **kwargs):
-        bound = inspect.signature(orig).bind_partial(*args, **kwargs)
-        a = bound.arguments
-        extra = a.get("kwargs", {})
-        get = lambda k: a.get(k, extra.get(k))  # noqa: E731
-        ctx = CallContext(input_ids=get("input_ids"))
-        cache = hf.get_cache(a) or hf.get_cache(extra)
-        if self.pruned is not None and self.pruned.owns(cache) and get("position_ids") is None:
-            pos = self.adapter.decode_positions(self, dict(a, **extra))
-            if pos is not None:
-                args, kwargs = _rebind(orig, args, kwargs)
-                kwargs["position_ids"] = pos
-        prev, self.ctx = self.ctx, ctx
-        try:
-            return orig(*args, **kwargs)
-        finally:
-            self.ctx = prev
+    @classmethod
+    def uses_token_types(cls) -> bool:
+        """Whether the model takes ``mm_token_type_ids``."""
+        return False
 
-    def _lm_forward(self, orig, lm, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                    inputs_embeds=None, use_cache=None, **kwargs):
-        # The cache is the 4th parameter in every supported release; by keyword it is `cache` or
-        # `past_key_values` depending on the release (see hf.py).
-        ctx = self.ctx
-        other = hf.pop_cache(kwargs)
-        cache = cache if cache is not None else other
-        cache_len = hf.layer_length(cache, 0)
-        if cache_len == 0:
-            wants = ctx is not None and ctx.input_ids is not None
-            if wants and not isinstance(attention_mask, dict) and (attention_mask is None or attention_mask.ndim == 2):
-                visual = ctx.input_ids == self.adapter.image_token_id
-                if bool(visual.any()):
-                    ctx.vision_features, ctx.image_grids, ctx.image_sizes = self.take_vision_capture(
-                        int(visual.sum()), required=bool(self.method.vision_layers()))
-                    return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, cache,
-                                                inputs_embeds, use_cache, visual, kwargs)
-            self.pruned = None
-            self.stats = []
-            self.keep_mask = None
-        elif self.pruned is not None and self.pruned.owns(cache):
-            q_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-            if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
-                raise NotImplementedError("token_prune: decoding on a pruned cache needs a 2D attention mask")
-            if not self.pruned.uniform:
-                return self._layerwise_decode(lm, input_ids, attention_mask, position_ids, cache,
-                                              inputs_embeds, use_cache, kwargs)
-            attention_mask = self.pruned.layer_mask(0, attention_mask, q_len, cache_len)
-        return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    inputs_embeds=inputs_embeds, use_cache=use_cache, **hf.cache_kwargs(orig, cache), **kwargs)
+    @classmethod
+    def random_pixels(cls, config, images: list[tuple[int, int]], generator: torch.Generator, device,
+                      dtype) -> dict:
+        """Pixel inputs (``pixel_values`` and the family's size tensors) for random images of the
+        given (height, width), in prompt order, laid out as the family's processor lays them out."""
+        raise NotImplementedError
 
-    def _pruned_prefill(self, lm, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, visual, kwargs):
-        cfg = lm.config
-        for key in ("output_attentions", "output_hidden_states"):
-            if kwargs.pop(key, False):
-                raise NotImplementedError(f"token_prune: {key}=True is not supported on a pruned prefill")
-        if use_cache is None:
-            use_cache = cfg.use_cache
-        if inputs_embeds is None:
-            inputs_embeds = lm.embed_tokens(input_ids)
-        if use_cache and cache is None:
-            cache = hf.new_cache(cfg)
-        if cache is not None and not hf.is_dynamic_cache(cache):
-            raise NotImplementedError(
-                f"token_prune: pruning needs a DynamicCache (got {type(cache).__name__}); "
-                "use the default cache implementation"
-            )
-        B, S, _ = inputs_embeds.shape
-        dev = inputs_embeds.device
-        pos, text_pos = self.adapter.split_positions(position_ids, B, S, dev)
-        mask2d = attention_mask
-        if mask2d is not None and bool(mask2d.bool().all()):
-            mask2d = None  # no padding: lets SDPA use its causal fast path, as HF does
-        index = torch.arange(S, device=dev).expand(B, S)
-        if mask2d is not None:
-            index = torch.where(mask2d.bool(), index, torch.full_like(index, -1))
-        batch = TokenBatch(inputs_embeds, pos, text_pos, mask2d, index, visual.to(dev))
+    @classmethod
+    def encode_image(cls, config, image, max_side: int) -> tuple[dict, int]:
+        """(pixel inputs, visual token count) of one PIL RGB ``image`` as the family's processor
+        would encode it (pixels scaled to [-1, 1]; Qwen: longer side at most ``max_side``)."""
+        raise NotImplementedError
 
-        with nvtx.range("token_prune.prefill"):
-            res = self.method.prefill(self, lm, batch, cache, use_cache, kwargs)
-        hidden = lm.norm(res.hidden)
-        out = res.batch
-        # Which prompt positions reach the output, in the caller's [B, S] coordinates.
-        keep_mask = torch.zeros(B, S + 1, dtype=torch.bool, device=dev)
-        rows = torch.arange(B, device=dev)[:, None].expand_as(out.index)
-        # Padding slots (index -1) land in the spare last column, which is dropped.
-        keep_mask[rows, torch.where(out.index >= 0, out.index, S)] = out.index >= 0
-        self.keep_mask = keep_mask[:, :S]
-        stats = res.stats
-        if cache is not None:
-            masks = res.layer_masks
-            if masks is None:
-                shared = out.valid.long()
-                masks = [shared] * hf.cache_layers(cache)
-            self.pruned = PrunedCacheState(cache_ref=weakref.ref(cache), prompt_len=S, layer_masks=masks)
-            kv = torch.stack([m.bool().sum(1) for m in masks], 1).tolist()  # [B, layers]
-            for i, s in enumerate(stats):
-                s["kv_len"] = kv[i]
-                s["kv_len_padded"] = [int(hf.layer_kv(cache, i)[0].shape[-2]) for i in range(hf.cache_layers(cache))]
-        self.stats = stats
-        return hf.lm_output(hidden, cache if use_cache else None)
+    @classmethod
+    def pixel_rows(cls, inputs: dict, first: int, count: int) -> dict:
+        """The pixel inputs of images ``first .. first+count-1`` (prompt order) of a batch."""
+        raise NotImplementedError
 
-    def _layerwise_decode(self, lm, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs):
-        """Decode step on a cache whose layers hold different tokens: one mask per layer."""
-        for key in ("output_attentions", "output_hidden_states"):
-            if kwargs.pop(key, False):
-                raise NotImplementedError(f"token_prune: {key}=True is not supported on a pruned cache")
-        if inputs_embeds is None:
-            inputs_embeds = lm.embed_tokens(input_ids)
-        B, q, _ = inputs_embeds.shape
-        if position_ids is None:
-            raise ValueError("token_prune: decoding on a per-layer pruned cache needs position_ids "
-                             "(generate passes them)")
-        pos, text_pos = self.adapter.split_positions(position_ids, B, q, inputs_embeds.device)
-        rope = self.adapter.rotary(inputs_embeds, pos)
-        impl = hf.attn_implementation(lm.config)
-        hidden = inputs_embeds
-        with nvtx.range("token_prune.layerwise_decode"):
-            for i, layer in enumerate(lm.layers):
-                m2d = self.pruned.layer_mask(i, attention_mask, q, hf.layer_length(cache, i))
-                mask = decode_mask(impl, m2d, q, hidden.dtype)
-                hidden = hf.call_layer(layer, hidden, mask=mask, rope=rope, text_pos=text_pos, cache=cache,
-                                       use_cache=use_cache, **kwargs)
-        return hf.lm_output(lm.norm(hidden), cache)
+    @classmethod
+    def tiny_config(cls, **overrides):
+        """Config of the family's tiny random-weight model (tests, demo, ``--tiny``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_of_size(cls, **sizes):
+        """A config of the family at the given size (the accuracy benchmark's small model; see the
+        Qwen2.5-VL adapter for the arguments). Families that do not offer it raise."""
+        raise NotImplementedError(f"{cls.display_name or cls.model_type}: no config_of_size (the small trained "
+                                  "model of the accuracy benchmark needs one)")
+
+    @classmethod
+    def tiny_model(cls, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0,
+                   device="cpu", **config_overrides):
+        """The tiny model, random weights (seeded), eval mode; generation never stops early."""
+        import transformers
+
+        config = cls.tiny_config(**config_overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = hf.model_from_config(getattr(transformers, cls.hf_model_class), config,
+                                         attn_implementation=attn_implementation, dtype=dtype)
+        pad = config.text_config.pad_token_id
+        model.generation_config.pad_token_id = pad if pad is not None else 0
+        model.generation_config.eos_token_id = None  # random weights: never stop early in tests
+        return model.to(device).eval()
+
+    @classmethod
+    def demo_images(cls) -> list[tuple[tuple[int, int], ...]]:
+        """Images of the demo's two prompts (valid sizes for the tiny model)."""
+        return [((128, 128),), ((96, 160),)]
+
+    @classmethod
+    def vision_units(cls, config, height: int, width: int) -> dict:
+        """What the vision tower processes for one image, for the cost model
+        (``{"vision_patches": n}`` or ``{"tiles": n}``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def cost_vision_spec(cls, config):
+        """The cost model's :class:`~token_prune.costmodel.VisionSpec` of the tower."""
+        raise NotImplementedError
+
+    @classmethod
+    def qkv_bias(cls, config) -> bool:
+        """Whether the decoder's q/k/v projections have biases."""
+        return bool(getattr(config.text_config, "attention_bias", False))
 
 
-def layout_sizes(layout) -> list[int]:
-    """Tokens per image of a vision layout: a grid [n_images, 2] or (positions [N, 2], lengths)."""
-    if isinstance(layout, torch.Tensor):
-        return (layout[:, 0] * layout[:, 1]).tolist()
-    return [int(n) for n in layout[1]]
+
+def pil_to_tensor(image) -> torch.Tensor:
+    """A PIL RGB image as [3, H, W] float in [-1, 1]."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def _rebind(fn, args, kwargs):
-    bound = inspect.signature(fn).bind_partial(*args, **kwargs)
-    extra = bound.arguments.pop("kwargs", {})
-    return (), {**bound.arguments, **extra}
-
-
-__all__ = ["ModelAdapter", "Runtime"]
+__all__ = ["ModelAdapter", "pil_to_tensor"]

@@ -39,7 +39,7 @@ import weakref
 import torch
 
 from .. import hf
-from .base import ModelAdapter
+from .base import ModelAdapter, pil_to_tensor
 
 
 class _AttributeRestore:
@@ -80,8 +80,41 @@ def unpad_window(image_size, grid_h: int, grid_w: int) -> tuple[int, int, int, i
     return 0, grid_h, pad, grid_w - pad
 
 
+# Token ids of the tiny LLaVA vocabularies (real checkpoints: pad 0 / 32001, bos 1, eos 2, <image> 32000).
+TINY_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, image_token_id=3)
+
+#: LLaVA-NeXT's anyres resolutions [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], scaled
+#: from 336-px to 56-px tiles.
+TINY_GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+
+
+def _tiny_parts(num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads, vision_layers,
+                vocab_size, image_size, patch_size) -> dict:
+    """Config arguments shared by the tiny LLaVA-1.5 and LLaVA-NeXT: a CLIP tower and a Llama."""
+    text_config = dict(
+        model_type="llama", vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        # Larger than the real 0.02 so a random tiny model has peaked, tie-free logits.
+        initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=TINY_IDS["bos_token_id"], eos_token_id=TINY_IDS["eos_token_id"],
+        pad_token_id=TINY_IDS["pad_token_id"],
+    )
+    vision_config = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
+                         patch_size=patch_size, projection_dim=32)
+    return dict(text_config=text_config, vision_config=vision_config, image_token_index=TINY_IDS["image_token_id"],
+                vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                image_seq_length=(image_size // patch_size) ** 2)
+
+
 class LlavaAdapter(ModelAdapter):
     model_type = "llava"
+    hf_model_class = "LlavaForConditionalGeneration"
+    display_name = "LLaVA-1.5"
+    # No image start/end tokens: the tiny prompts separate consecutive images by one text token.
+    image_separator_tokens = 1
+    tiny_image = (56, 56)
     # Public GlimpsePrune settings: LLaVA-1.5-7B K=21 of 32, 13B K=26 of 40 (0-indexed).
     glimpse_layers = {32: 21, 40: 26}
     glimpse_score = "log_softmax"
@@ -238,25 +271,89 @@ class LlavaAdapter(ModelAdapter):
         outer.get_image_features = get_image_features
         return hooks
 
+    # -- the family without a model ---------------------------------------------------------
+    @classmethod
+    def image_tokens(cls, config, height, width):
+        vc = config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    @classmethod
+    def prompt_tokens(cls, config, parts):
+        # <bos>, then the text, and each image as a run of <image> tokens.
+        bos = config.text_config.bos_token_id
+        ids = [bos if bos is not None else 1]
+        for kind, value in parts:
+            ids += list(value) if kind == "text" else [config.image_token_id] * value
+        return ids, [0] * len(ids)
+
+    @classmethod
+    def random_pixels(cls, config, images, generator, device, dtype):
+        # One [3, size, size] row per image: the processor resizes every image to the tower's input.
+        size = config.vision_config.image_size
+        pixels = torch.randn(len(images), 3, size, size, generator=generator, device=generator.device)
+        return dict(pixel_values=pixels.to(device=device, dtype=dtype))
+
+    @classmethod
+    def encode_image(cls, config, image, max_side):
+        side = config.vision_config.image_size
+        return dict(pixel_values=pil_to_tensor(image.resize((side, side)))[None]), cls.image_tokens(config, 0, 0)
+
+    @classmethod
+    def pixel_rows(cls, inputs, first, count):
+        # One pixel_values (and image_sizes) row per image, in prompt order.
+        return {k: inputs[k][first:first + count] for k in ("pixel_values", "image_sizes") if k in inputs}
+
+    @classmethod
+    def tiny_config(cls, num_hidden_layers: int = 6, hidden_size: int = 64, num_attention_heads: int = 4,
+                    num_key_value_heads: int = 2, vision_layers: int = 8, vocab_size: int = 128,
+                    image_size: int = 56, patch_size: int = 14):
+        """A tiny LLaVA-1.5: a CLIP tower (56-px images, 14-px patches: 4x4 = 16 tokens per image,
+        8 layers, features from the second-to-last, CLS dropped) and a 6-layer Llama with GQA."""
+        from transformers import LlavaConfig
+
+        return LlavaConfig(**_tiny_parts(num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads,
+                                         vision_layers, vocab_size, image_size, patch_size))
+
+    @classmethod
+    def demo_images(cls):
+        return [((56, 56),), ((56, 56),)]
+
+    @classmethod
+    def vision_units(cls, config, height, width):
+        return {"tiles": 1}
+
+    @classmethod
+    def cost_vision_spec(cls, config):
+        from ..costmodel import VisionSpec
+
+        vc = config.vision_config
+        pins = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
+        return VisionSpec(kind="clip", depth=vc.num_hidden_layers, width=vc.hidden_size, heads=vc.num_attention_heads,
+                          intermediate=vc.intermediate_size, patch=vc.patch_size, in_channels=vc.num_channels,
+                          out=config.text_config.hidden_size, image_size=vc.image_size, grid_pinpoints=pins)
+
 
 class LlavaNextAdapter(LlavaAdapter):
     model_type = "llava_next"
+    hf_model_class = "LlavaNextForConditionalGeneration"
+    display_name = "LLaVA-NeXT"
+    tiny_image = (112, 112)
+    has_newline_tokens = True
+
+    @staticmethod
+    def _plan(config, size) -> dict:
+        """One image's tile grid (rows, cols) and unpadding window on the high-res token grid."""
+        vc = config.vision_config
+        side = vc.image_size // vc.patch_size
+        rows, cols = anyres_tiles(size, config.image_grid_pinpoints, vc.image_size)
+        return dict(rows=rows, cols=cols, window=unpad_window(size, rows * side, cols * side))
 
     def _image_plan(self, call_args: dict) -> list[dict]:
         """Per image: its tile counts and unpadding window, from ``image_sizes`` and the config."""
-        cfg = self.model.config
         sizes = call_args.get("image_sizes")
         if sizes is None:
             raise ValueError("token_prune: LLaVA-NeXT needs image_sizes to lay out the image tokens")
-        sizes = torch.as_tensor(sizes).tolist()
-        tile = cfg.vision_config.image_size
-        side = self.tokens_per_side
-        plan = []
-        for size in sizes:
-            rows, cols = anyres_tiles(size, cfg.image_grid_pinpoints, tile)
-            r0, r1, c0, c1 = unpad_window(size, rows * side, cols * side)
-            plan.append(dict(rows=rows, cols=cols, window=(r0, r1, c0, c1)))
-        return plan
+        return [self._plan(self.model.config, size) for size in torch.as_tensor(sizes).tolist()]
 
     def arrange(self, hidden, call_args):
         side = self.tokens_per_side
@@ -304,5 +401,71 @@ class LlavaNextAdapter(LlavaAdapter):
             lengths.append(n)
         return torch.cat(pos).long(), lengths
 
+    # -- the family without a model ---------------------------------------------------------
+    @classmethod
+    def image_tokens(cls, config, height, width):
+        # The base tile's grid, then the unpadded high-res grid with one newline token per row.
+        vc = config.vision_config
+        side = vc.image_size // vc.patch_size
+        r0, r1, c0, c1 = cls._plan(config, (height, width))["window"]
+        return side * side + (r1 - r0) * (c1 - c0 + 1)
 
-__all__ = ["LlavaAdapter", "LlavaNextAdapter", "anyres_tiles", "unpad_window"]
+    @classmethod
+    def tile_count(cls, config, height: int, width: int) -> int:
+        """Tiles (base + high-res) the processor cuts a ``height x width`` image into."""
+        plan = cls._plan(config, (height, width))
+        return 1 + plan["rows"] * plan["cols"]
+
+    @classmethod
+    def random_pixels(cls, config, images, generator, device, dtype):
+        # [n_images, max_tiles, 3, size, size]: each image's tiles first, zero padding after.
+        size = config.vision_config.image_size
+        counts = [cls.tile_count(config, h, w) for h, w in images]
+        pixels = torch.zeros(len(images), max(counts), 3, size, size, device=generator.device)
+        for i, n in enumerate(counts):
+            pixels[i, :n] = torch.randn(n, 3, size, size, generator=generator, device=generator.device)
+        return dict(pixel_values=pixels.to(device=device, dtype=dtype),
+                    image_sizes=torch.tensor(images, dtype=torch.long, device=device))
+
+    @classmethod
+    def encode_image(cls, config, image, max_side):
+        # The base tile (the image resized to the tile), then the tiles of the best canvas (aspect
+        # kept, centred, zero padded).
+        tile = config.vision_config.image_size
+        w, h = image.size
+        ph, pw = hf.select_best_resolution((h, w), config.image_grid_pinpoints)
+        scale = min(pw / w, ph / h)
+        nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
+        canvas = torch.zeros(3, ph, pw)
+        top, left = (ph - nh) // 2, (pw - nw) // 2
+        canvas[:, top:top + nh, left:left + nw] = pil_to_tensor(image.resize((nw, nh)))
+        tiles = [pil_to_tensor(image.resize((tile, tile)))]
+        for r in range(ph // tile):
+            for c in range(pw // tile):
+                tiles.append(canvas[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile])
+        return (dict(pixel_values=torch.stack(tiles)[None], image_sizes=torch.tensor([[h, w]])),
+                cls.image_tokens(config, h, w))
+
+    @classmethod
+    def tiny_config(cls, num_hidden_layers: int = 6, hidden_size: int = 64, num_attention_heads: int = 4,
+                    num_key_value_heads: int = 2, vision_layers: int = 8, vocab_size: int = 128,
+                    image_size: int = 56, patch_size: int = 14, image_grid_pinpoints=None):
+        """A tiny LLaVA-NeXT: the tiny LLaVA-1.5 parts plus anyres tiling over
+        :data:`TINY_GRID_PINPOINTS` (56-px tiles of 4x4 tokens)."""
+        from transformers import LlavaNextConfig
+
+        parts = _tiny_parts(num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads,
+                            vision_layers, vocab_size, image_size, patch_size)
+        pins = image_grid_pinpoints or [[h * image_size // 56, w * image_size // 56] for h, w in TINY_GRID_PINPOINTS]
+        return LlavaNextConfig(image_grid_pinpoints=pins, **parts)
+
+    @classmethod
+    def demo_images(cls):
+        return [((112, 56),), ((60, 90),)]
+
+    @classmethod
+    def vision_units(cls, config, height, width):
+        return {"tiles": cls.tile_count(config, height, width)}
+
+
+__all__ = ["LlavaAdapter", "LlavaNextAdapter", "anyres_tiles", "unpad_window", "TINY_GRID_PINPOINTS"]

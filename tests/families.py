@@ -1,0 +1,75 @@
+"""The family table of the test suite: one row per supported model family.
+
+A row says only what the shared contract tests (tests/test_contract.py) cannot derive from the
+package itself: a batch of prompts that exercises the family's image layouts (two samples,
+different image counts and sizes, so the batch is left padded), how ``generate`` numbers the
+prompt and the decode positions (the masked oracle replays them by hand), and the tiny model's
+decoder depth. Adding a family to the package adds one row here and gives it the whole contract
+suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from reference_model import llama_decode_position, llama_prefill_position, qwen_decode_position
+from token_prune.models import supported_models
+from token_prune.tiny import SampleSpec, make_inputs, tiny_model
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row: a model family as the tests use it."""
+
+    model_type: str
+    #: prompts of the contract batch (sample 0 has one image, sample 1 two)
+    samples: Callable[[], list[SampleSpec]]
+    #: fn(model, mask [B, S+t]) -> position_ids of one new token, as generate computes them
+    decode_position: Callable
+    #: fn(model, mask [B, S]) -> prompt position_ids as generate passes them, or None when the
+    #: model derives the same ones itself
+    prefill_position: Callable | None = None
+    #: a single image the family takes (tests that need one image of a valid size)
+    image: tuple[int, int] = (64, 64)
+    extra: dict = field(default_factory=dict)
+
+    def build(self, dtype=torch.float32, seed: int = 0, attn: str = "sdpa", **overrides):
+        return tiny_model(self.model_type, attn_implementation=attn, dtype=dtype, seed=seed, **overrides)
+
+    def inputs(self, model, samples=None, seed: int = 0) -> dict:
+        return make_inputs(model, self.samples() if samples is None else samples, seed=seed)
+
+    def prompt_positions(self, model, inputs) -> dict:
+        """``position_ids`` to pass with a prompt so that it is numbered as generate numbers it."""
+        if self.prefill_position is None:
+            return {}
+        return {"position_ids": self.prefill_position(model, inputs["attention_mask"])}
+
+
+FAMILIES = {
+    f.model_type: f for f in [
+        Family("qwen2_5_vl",
+               samples=lambda: [SampleSpec(images=((128, 96),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((64, 64), (32, 64)), prefix_len=5, suffix_len=4)],
+               decode_position=qwen_decode_position, image=(64, 64)),
+        Family("llava",
+               samples=lambda: [SampleSpec(images=((56, 56),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((56, 56), (56, 56)), prefix_len=5, suffix_len=4)],
+               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(56, 56)),
+        Family("llava_next",
+               samples=lambda: [SampleSpec(images=((112, 56),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((56, 112), (60, 60)), prefix_len=5, suffix_len=4)],
+               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(112, 112)),
+    ]
+}
+
+
+def family(model_type: str) -> Family:
+    return FAMILIES[model_type]
+
+
+def test_every_supported_family_has_a_row():
+    assert sorted(FAMILIES) == supported_models()
