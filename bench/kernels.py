@@ -118,7 +118,7 @@ def torch_glimpse_map(q, cos, sin, keys, visual, valid, log_softmax):
 
 def torch_vip_attention(q, k, v, positions, sizes, theta=10000.0):
     """The VIP module's PyTorch path: rotary tables, apply_rope, SDPA per image (or batched)."""
-    from token_prune.vip import _rope_2d_tables, apply_rope
+    from token_prune.vip.rope import _rope_2d_tables, apply_rope
 
     cos, sin = _rope_2d_tables(positions, q.shape[-1], theta, q.device, torch.float32)
     qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -1,6 +1,6 @@
 """The contract every method keeps on every model family, from one table of each.
 
-Rows come from tests/families.py (families) and ``METHODS`` below; the oracle is the *unpatched*
+Rows come from tests/families.py (families) and the method registry (``METHODS`` below); the oracle is the *unpatched*
 HF model with per-layer attention masks and skip-row hooks (tests/reference_model.py), which
 shares none of the package's compaction, cache or position code. What each method must reproduce
 is read off the patch handle after the prefill: which prompt tokens survived layer K (methods
@@ -9,6 +9,7 @@ that prune once) or which tokens each layer processed (ALVTS).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -18,20 +19,30 @@ import token_prune as tp
 from families import FAMILIES
 from reference_model import masked_generate
 from token_prune import hf
+from token_prune.methods import METHODS as REGISTERED
 from token_prune.methods.base import PruneAfterLayer
 from token_prune.models import supported_models
 from token_prune.tiny import SampleSpec, make_inputs, select_sample
 
 pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")
 
-#: id -> (method, options of a pruned run); "layer" is where pruning starts (ALVTS: start_layer)
-METHODS = {
-    "glimpse": ("glimpse", dict(layer=2, keep_ratio=0.25)),
-    "fastv": ("fastv", dict(layer=2, keep_ratio=0.25)),
-    "random": ("random", dict(layer=2, keep_ratio=0.25, seed=5)),
-    "alvts": ("alvts", dict(start_layer=0, keep_ratio=0.25)),
-    "alvts-drop": ("alvts", dict(start_layer=0, keep_ratio=0.25, skipped="drop")),
-}
+def _pruned_options(cls) -> dict:
+    """A pruned run of any registered method: a quarter of each image, pruning from layer 2."""
+    params = inspect.signature(cls.__init__).parameters
+    opts = {"keep_ratio": 0.25}
+    if "layer" in params:
+        opts["layer"] = 2
+    if "start_layer" in params:
+        opts["start_layer"] = 0
+    return opts
+
+
+#: id -> (method, options of a pruned run): every registered method (a new one is covered by
+#: registering it), plus the variants that change the contract ("layer" is where pruning starts;
+#: ALVTS: start_layer)
+METHODS = {name: (name, _pruned_options(cls)) for name, cls in REGISTERED.items()}
+METHODS["alvts-drop"] = ("alvts", dict(METHODS["alvts"][1], skipped="drop"))
+METHODS["random"] = ("random", dict(METHODS["random"][1], seed=5))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 STEPS = 5
 

@@ -30,7 +30,9 @@ from token_prune.data import (HFChatProcessor, TinyProcessor, VipRow, _map_boxes
 from token_prune.models import adapter_for
 from token_prune.runtime import Runtime
 from token_prune.tiny import tiny_model
-from token_prune.train import (SoftGlimpseStudent, _answer_logprobs, _answer_rows, evaluate_vip, train_vip)
+from token_prune.train import SoftGlimpseStudent, evaluate_vip, train_vip
+from token_prune.train.evaluate import _answer_logprobs
+from token_prune.train.loop import _answer_rows
 from token_prune.vip import GlimpseConfig, GlimpseModules
 
 pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")

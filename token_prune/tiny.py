@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import ADAPTERS, adapter_class
+from .models import ADAPTERS, DEFAULT_MODEL, adapter_class
 
 
 @dataclass
@@ -26,12 +26,12 @@ class SampleSpec:
     suffix_len: int = 5
 
 
-def tiny_config(model_type: str = "qwen2_5_vl", **overrides):
+def tiny_config(model_type: str = DEFAULT_MODEL, **overrides):
     """Config of the tiny model of ``model_type`` (see each adapter's ``tiny_config``)."""
     return adapter_class(model_type).tiny_config(**overrides)
 
 
-def tiny_model(model_type: str = "qwen2_5_vl", attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+def tiny_model(model_type: str = DEFAULT_MODEL, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
                seed: int = 0, device: str | torch.device = "cpu", **config_overrides):
     """A random-weight tiny model of ``model_type`` in eval mode (seeded, offline)."""
     return adapter_class(model_type).tiny_model(attn_implementation=attn_implementation, dtype=dtype, seed=seed,
@@ -132,7 +132,7 @@ def select_sample(model, inputs: dict, b: int) -> dict:
     return out
 
 
-def default_samples(model_type: str = "qwen2_5_vl") -> list[SampleSpec]:
+def default_samples(model_type: str = DEFAULT_MODEL) -> list[SampleSpec]:
     """Two prompts of different images and text lengths: the demo's default batch."""
     first, second = adapter_class(model_type).demo_images()
     return [SampleSpec(images=first), SampleSpec(images=second, prefix_len=4, suffix_len=7)]
