@@ -15,6 +15,7 @@ from .models import supported_models
 from .vip import GlimpseConfig, GlimpseModules
 from .accuracy import eval_accuracy, train_small_lvlm  # noqa: F401,E402 (accuracy benchmark, issue 7)
 from .train import evaluate_vip, train_vip  # noqa: F401,E402 (GlimpsePrune stage 1 training, issue 5)
+from .rl import load_rl_adapters, train_rl  # noqa: F401,E402 (GlimpsePrune+ stage 2; needs the rl extra)
 
 __version__ = "0.1.0"
 
