@@ -277,6 +277,23 @@ def _log_callback(path: str):
     return StepLog()
 
 
+def _time_limit(minutes: float | None):
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        """Stops training (with a final checkpoint) once ``minutes`` of wall time have passed."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if minutes is not None and time.perf_counter() - self.start > 60 * minutes:
+                control.should_training_stop = True
+                control.should_save = True
+
+    return TimeLimit()
+
+
 def lora_config(rank: int = 32, alpha: int | None = None, dropout: float = 0.0, target_modules: str = LLM_LINEARS):
     """PEFT ``LoraConfig`` for the language model's linears (alpha defaults to 2 * rank).
 
@@ -337,7 +354,8 @@ def train_rl(model, data, *, vip, processor, out_dir, steps: int = 200, prompts_
              rewards=None, keep_ratio_weight: float = 0.0, prune: bool = True, prune_options: dict | None = None,
              loss_type: str = "grpo", epsilon: float = 0.2, warmup_ratio: float = 0.0, max_grad_norm: float = 1.0,
              save_every: int | None = None, keep_checkpoints: int | None = 2, resume: bool = False,
-             bf16: bool | None = None, seed: int = 0, progress: bool = True, plot: bool = True) -> RLResult:
+             bf16: bool | None = None, seed: int = 0, max_minutes: float | None = None, progress: bool = True,
+             plot: bool = True) -> RLResult:
     """GRPO fine-tuning of the language model through LoRA while the model runs pruned.
 
     Args:
@@ -361,6 +379,8 @@ def train_rl(model, data, *, vip, processor, out_dir, steps: int = 200, prompts_
         prune_options: more ``patch`` options (``threshold``, ``max_keep_ratio``, ``layer`` ...).
         save_every, keep_checkpoints, resume: Trainer checkpoints (``checkpoint-<step>/``).
         bf16: bf16 autocast (default: on with CUDA).
+        max_minutes: stop after the step during which this much wall time has passed (for machines
+            with a per-command time limit); the adapters and a checkpoint are saved as usual.
         progress: the Trainer's progress bar.
         plot: write ``rl_log.png`` (needs matplotlib; skipped without it).
 
@@ -413,7 +433,8 @@ def train_rl(model, data, *, vip, processor, out_dir, steps: int = 200, prompts_
     t0 = time.perf_counter()
     try:
         trainer = _trainer_class()(model=peft_model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                                   processing_class=processor, callbacks=[_log_callback(log_path)])
+                                   processing_class=processor,
+                                   callbacks=[_log_callback(log_path), _time_limit(max_minutes)])
         trainer.train(resume_from_checkpoint=resume_from)
         peft_model.save_pretrained(out_dir)
         step = trainer.state.global_step
