@@ -321,3 +321,28 @@ def test_package_imports_without_the_rl_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "pip install token_prune[rl]" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run(tmp_path):
+    """bench/gpu/rl.sh --dry-run runs every command of the GPU script (test preset, tiny sizes) and
+    writes the report with every row."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHON=sys.executable)
+    out = subprocess.run(["bash", os.path.join(root, "bench", "gpu", "rl.sh"), str(tmp_path), "--dry-run"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    commands = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert [c.split("--stages ")[1].split()[0] for c in commands if "bench-rl" in c] == \
+        ["vip", "rl_pruned", "rl_unpruned", "eval"]
+    with open(tmp_path / "rl_test.json") as f:
+        rep = json.load(f)
+    assert [r["key"] for r in rep["results"]] == ["unpatched", "glimpse", "glimpse_plus", "glimpse_plus_unpruned",
+                                                   "rl_unpruned", "rl_unpruned_glimpse"]
+    assert rep["samples"] == 8 and set(rep["curves"]) == {"rl_pruned", "rl_unpruned"}
+    assert all(len(c) == 2 for c in rep["curves"].values())
+    for ext in ("md", "png"):
+        assert os.path.isfile(tmp_path / f"rl_test.{ext}")
+    bad = subprocess.run(["bash", os.path.join(root, "bench", "gpu", "rl.sh"), str(tmp_path), "--oops"],
+                         cwd=root, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option" in bad.stderr

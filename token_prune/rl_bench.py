@@ -29,6 +29,8 @@ import torch
 
 STAGES = ("vip", "rl_pruned", "rl_unpruned", "eval")
 RL_ROWS_START = 60_000_000  # train-split indices past what the LVLM and the VIP were trained on
+#: rollout length: the task's answers are one word plus EOS; the rest is room for wrong, longer ones
+ROLLOUT_TOKENS = 4
 
 
 def _rl_stage(ckpt, sub, model_loader, rows, vip, proc, prune, opts, rl_args, log, progress):
@@ -84,7 +86,7 @@ def bench_rl(checkpoint, *, out_dir="bench/results", name="rl_cpu", samples=500,
     opts = dict(threshold=threshold, max_keep_ratio=max_keep_ratio)
     rl_args = dict(steps=steps, prompts_per_step=prompts_per_step, num_generations=num_generations, lr=lr, beta=beta,
                    lora_rank=lora_rank, temperature=temperature, seed=seed, max_minutes=max_minutes,
-                   max_new_tokens=max(len(tok.encode(w)) for w in tok.tokens) + 1)
+                   max_new_tokens=ROLLOUT_TOKENS)
     rows = [make_sample(preset.task, seed, RL_ROWS_START + i, "train") for i in range(rl_rows)]
     hf_proc = small_lvlm_processor(tok, model.config)
     runs = {}
