@@ -115,9 +115,10 @@ def bench_rl(checkpoint, *, out_dir="bench/results", name="rl_cpu", samples=500,
                 r = answer_accuracy(m, proc, test, batch_size=bs, handle=handle)
         else:
             r = answer_accuracy(m, proc, test, batch_size=bs)
-        r.pop("answers")
+        correct = "".join("1" if a == tok.normalize(s.answer) else "0" for a, s in zip(r.pop("answers"), test))
         rows_out.append(dict(key=key, label=label, pruned=pruned, accuracy=r["accuracy"], keep_ratio=r["keep_ratio"],
-                             box_hit=r["box_hit"], per_task=r["per_task"], seconds=round(time.perf_counter() - t0, 1)))
+                             box_hit=r["box_hit"], per_task=r["per_task"], seconds=round(time.perf_counter() - t0, 1),
+                             correct=correct))
         log(f"{key:<24} accuracy {r['accuracy']:.3f}  kept {r['keep_ratio']:.3f}")
 
     with torch.no_grad():
@@ -130,6 +131,8 @@ def bench_rl(checkpoint, *, out_dir="bench/results", name="rl_cpu", samples=500,
         measure("rl_unpruned", "unpatched + the same GRPO without pruning", ctrl, False)
         measure("rl_unpruned_glimpse", "GRPO without pruning, then GlimpsePrune", ctrl, True)
     acc = {r["key"]: r["accuracy"] for r in rows_out}
+    correct = {r["key"]: r["correct"] for r in rows_out}
+    paired = [paired_difference(correct, a, b) for a, b in PAIRS]
     stamps = {}
     for sub, d in runs.items():
         with open(os.path.join(d, "bench_rl.json")) as f:
@@ -143,7 +146,7 @@ def bench_rl(checkpoint, *, out_dir="bench/results", name="rl_cpu", samples=500,
                      met=bool(acc["glimpse_plus"] >= acc["unpatched"] and acc["glimpse_plus"] >= acc["glimpse"] + 0.03
                               and rows_out[2]["keep_ratio"] < 0.10)),
         device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        torch=torch.__version__, **git_info(), command=command, results=rows_out,
+        paired=paired, torch=torch.__version__, **git_info(), command=command, results=rows_out,
         curves={k: [{m: r.get(m) for m in ("step", "reward", "kl", "keep_ratio")} for r in read_log(d)]
                 for k, d in runs.items()},
     )
@@ -157,6 +160,22 @@ def bench_rl(checkpoint, *, out_dir="bench/results", name="rl_cpu", samples=500,
     for p in paths.values():
         log(f"wrote {p}")
     return report
+
+
+#: (a, b): accuracy differences reported with a paired confidence interval (same samples)
+PAIRS = (("glimpse_plus", "unpatched"), ("glimpse_plus", "glimpse"), ("glimpse_plus", "rl_unpruned_glimpse"),
+         ("rl_unpruned", "unpatched"))
+
+
+def paired_difference(correct: dict, a: str, b: str) -> dict:
+    """Accuracy of row ``a`` minus row ``b`` on the same samples, with a normal-approximation 95%
+    interval of the per-sample differences, and the counts of samples only ``a`` / only ``b`` got."""
+    x = [int(c) - int(d) for c, d in zip(correct[a], correct[b])]
+    n = len(x)
+    mean = sum(x) / n
+    sd = (sum((v - mean) ** 2 for v in x) / max(1, n - 1)) ** 0.5
+    half = 1.96 * sd / n ** 0.5
+    return dict(a=a, b=b, diff=mean, ci95=[mean - half, mean + half], only_a=x.count(1), only_b=x.count(-1), n=n)
 
 
 def _markdown(rep: dict) -> str:
@@ -184,6 +203,14 @@ def _markdown(rep: dict) -> str:
     lines += ["", f"GlimpsePrune+ minus unpatched: {100 * t['plus_vs_unpatched']:+.1f} points; minus GlimpsePrune: "
               f"{100 * t['plus_vs_glimpse']:+.1f} points. Target (>= unpatched, >= GlimpsePrune + 3, < 10% kept): "
               f"{'met' if t['met'] else 'not met'}.", ""]
+    labels = {r["key"]: r["label"] for r in rep["results"]}
+    lines += ["| difference (same samples) | points | 95% interval | only first right | only second right |",
+              "|---|---:|---:|---:|---:|"]
+    for p in rep["paired"]:
+        lo, hi = p["ci95"]
+        lines.append(f"| {labels[p['a']]} - {labels[p['b']]} | {100 * p['diff']:+.1f} | "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {p['only_a']} | {p['only_b']} |")
+    lines.append("")
     if rep.get("command"):
         lines += [f"Command: `{rep['command']}`", ""]
     return "\n".join(lines)
