@@ -39,10 +39,6 @@ def _qwen_samples():
             tiny.SampleSpec(images=((64, 64), (32, 64)), prefix_len=5, suffix_len=4)]
 
 
-@pytest.fixture(scope="module")
-def lora_qwen():
-    model = tiny.tiny_qwen2_5_vl(dtype=torch.float64, seed=11)
-    return _lora(model).to(torch.float64)
 
 
 def _completion(inputs, C=5, seed=0):
@@ -74,6 +70,14 @@ FAMILIES = {
                        tiny.SampleSpec(images=((56, 56), (56, 56)), prefix_len=5, suffix_len=4)],
               llama_decode_position, llama_prefill_position),
 }
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "llava"])
+def lora_model(request):
+    """(family, float64 tiny model with random LoRA adapters)."""
+    build, make_inputs, samples, _, prefill_position = FAMILIES[request.param]
+    model = _lora(build(), seed=11).to(torch.float64)
+    return model, (lambda seed: make_inputs(model, samples(), seed=seed)), prefill_position
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -123,48 +127,58 @@ def hf_model_layers(model) -> int:
     return tp.api.hf_model(model).config.text_config.num_hidden_layers
 
 
-def test_patching_a_peft_model_twice_or_through_its_base_is_refused(lora_qwen):
-    with tp.patch(lora_qwen, method="glimpse", layer=K):
+def test_patching_a_peft_model_twice_or_through_its_base_is_refused(lora_model):
+    model = lora_model[0]
+    with tp.patch(model, method="glimpse", layer=K):
         with pytest.raises(ValueError, match="already patched"):
-            tp.patch(lora_qwen.get_base_model(), method="fastv")
+            tp.patch(model.get_base_model(), method="fastv")
         with pytest.raises(ValueError, match="already patched"):
-            tp.patch(lora_qwen, method="glimpse")
-    assert tp.unpatch(lora_qwen) is False
+            tp.patch(model, method="glimpse")
+    assert tp.unpatch(model) is False
 
 
 # -- the scoring forward ----------------------------------------------------------------------
 
-def test_completion_logits_unpatched_equal_one_forward(lora_qwen):
+def _one_forward_logits(model, inputs, ids, mask, prefill_position):
+    full = _full_inputs(inputs, ids, mask)
+    if prefill_position is not None:  # 1D RoPE: number the tokens as generate does
+        full["position_ids"] = prefill_position(model, full["attention_mask"])
+    P = inputs["input_ids"].shape[1]
+    return model(**full).logits[:, P - 1:P + ids.shape[1] - 1]
+
+
+def test_completion_logits_unpatched_equal_one_forward(lora_model):
     """Prefill + one forward on the cache == one forward over prompt + completion (positions and
     masks as generate numbers them); with everything kept, the patched model gives the same."""
-    inputs = tiny.qwen_inputs(lora_qwen, _qwen_samples(), seed=5)
+    model, make_inputs, prefill_position = lora_model
+    inputs = make_inputs(5)
     ids, mask = _completion(inputs)
-    P, C = inputs["input_ids"].shape[1], ids.shape[1]
     m = mask.bool()
     with torch.no_grad():
-        ref = lora_qwen(**_full_inputs(inputs, ids, mask)).logits[:, P - 1:P + C - 1]
-        got = rl.completion_logits(lora_qwen, inputs, ids, mask)
-        with tp.patch(lora_qwen, method="glimpse", keep_ratio=1.0, layer=K):
-            kept_all = rl.completion_logits(lora_qwen, inputs, ids, mask)
+        ref = _one_forward_logits(model, inputs, ids, mask, prefill_position)
+        got = rl.completion_logits(model, inputs, ids, mask)
+        with tp.patch(model, method="glimpse", keep_ratio=1.0, layer=K):
+            kept_all = rl.completion_logits(model, inputs, ids, mask)
     torch.testing.assert_close(got[m], ref[m], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kept_all[m], ref[m], rtol=1e-12, atol=1e-12)
 
 
-def test_completion_logits_are_the_rollout_distribution(lora_qwen):
+def test_completion_logits_are_the_rollout_distribution(lora_model):
     """On the pruned model the scoring forward gives exactly the logits generate sampled from."""
-    inputs = tiny.qwen_inputs(lora_qwen, _qwen_samples(), seed=6)
+    model, make_inputs, _ = lora_model
+    inputs = make_inputs(6)
     P = inputs["input_ids"].shape[1]
-    with torch.no_grad(), tp.patch(lora_qwen, method="glimpse", keep_ratio=0.25, layer=K):
-        out = lora_qwen.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, min_new_tokens=4)
+    with torch.no_grad(), tp.patch(model, method="glimpse", keep_ratio=0.25, layer=K):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, min_new_tokens=4)
         ids = out.sequences[:, P:]
-        got = rl.completion_logits(lora_qwen, inputs, ids, torch.ones_like(ids))
+        got = rl.completion_logits(model, inputs, ids, torch.ones_like(ids))
     want = torch.stack(out.logits, 1)  # generate returns them in float32
     torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-6, atol=1e-6)
     assert bool((got.argmax(-1) == ids).all())
 
 
-def _oracle_logits(model, inputs, ids, mask, keep, layer):
+def _oracle_logits(model, inputs, ids, mask, keep, layer, prefill_position):
     """The unpatched model over prompt + completion with per-layer masks: prompt rows after
     ``layer`` and completion rows at every layer see only the kept prompt tokens."""
     full = _full_inputs(inputs, ids, mask)
@@ -184,6 +198,8 @@ def _oracle_logits(model, inputs, ids, mask, keep, layer):
             kwargs["attention_mask"] = m
             return args, kwargs
         hooks.append(lyr.register_forward_pre_hook(pre, with_kwargs=True))
+    if prefill_position is not None:
+        full["position_ids"] = prefill_position(model, full["attention_mask"])
     try:
         return model(**full).logits[:, P - 1:P + ids.shape[1] - 1]
     finally:
@@ -191,24 +207,26 @@ def _oracle_logits(model, inputs, ids, mask, keep, layer):
             h.remove()
 
 
-def test_lora_gradients_through_the_pruned_forward_equal_the_masked_oracle(lora_qwen):
+def test_lora_gradients_through_the_pruned_forward_equal_the_masked_oracle(lora_model):
     """float64: the LoRA gradients of a completion loss through the pruned prefill (compaction,
     pruned KV cache) equal those of the masked oracle; layers 0..K get gradient too."""
-    inputs = tiny.qwen_inputs(lora_qwen, _qwen_samples(), seed=7)
+    model, make_inputs, prefill_position = lora_model
+    inputs = make_inputs(7)
     ids, mask = _completion(inputs, seed=3)
     w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * mask
-    lora = {n: p for n, p in lora_qwen.named_parameters() if "lora_" in n}
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
 
     def loss_and_grads(logits):
         logp = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
         grads = torch.autograd.grad((logp * w).sum(), list(lora.values()))
         return logp.detach(), dict(zip(lora, grads))
 
-    with tp.patch(lora_qwen, method="glimpse", keep_ratio=0.25, layer=K) as h:
-        got_logp, got = loss_and_grads(rl.completion_logits(lora_qwen, inputs, ids, mask))
+    with tp.patch(model, method="glimpse", keep_ratio=0.25, layer=K) as h:
+        got_logp, got = loss_and_grads(rl.completion_logits(model, inputs, ids, mask))
         keep = h.keep_mask.clone()
     assert bool((~keep & inputs["attention_mask"].bool()).any())
-    want_logp, want = loss_and_grads(_oracle_logits(lora_qwen.get_base_model(), inputs, ids, mask, keep, K))
+    want_logp, want = loss_and_grads(_oracle_logits(model.get_base_model(), inputs, ids, mask, keep, K,
+                                                     prefill_position))
     m = mask.bool()
     torch.testing.assert_close(got_logp[m], want_logp[m], rtol=1e-10, atol=1e-10)
     for name in lora:
