@@ -359,8 +359,9 @@ def train_rl(model, data, *, vip, processor, out_dir, steps: int = 200, prompts_
     """GRPO fine-tuning of the language model through LoRA while the model runs pruned.
 
     Args:
-        model: a supported HF vision-language model (unpatched, no adapters; its weights are never
-            changed: only the LoRA adapters train).
+        model: a supported HF vision-language model (unpatched, no adapters). Its weights are never
+            changed, only the LoRA adapters train; PEFT injects the adapter layers into this object
+            (``result.model.unload()`` takes them out again).
         data: training rows: a JSONL path or a list of ``{image, question, answer}`` rows (image
             paths), or objects with a PIL ``image`` (e.g. ``token_prune.synthetic`` samples).
         vip: the trained, frozen GlimpsePrune VIP (a directory or ``GlimpseModules``).
@@ -370,6 +371,8 @@ def train_rl(model, data, *, vip, processor, out_dir, steps: int = 200, prompts_
         steps: optimizer steps; each takes ``prompts_per_step`` prompts x ``num_generations`` rollouts.
         lr, beta, epsilon, loss_type: AdamW learning rate, KL weight (k3 estimator), PPO clip range,
             TRL's loss aggregation ("grpo": per-sequence mean).
+        warmup_ratio, max_grad_norm: linear warm-up over this share of the steps, then a constant
+            learning rate; gradient clipping.
         lora_rank, lora_alpha: adapters on every linear of the language model (:data:`LLM_LINEARS`).
         temperature, max_new_tokens: rollout sampling.
         rewards: reward functions (TRL signature); default ``[normalised_match_reward]``.
