@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import token_prune as tp
-from token_prune import hf, tiny
+from token_prune import tiny
 
 peft = pytest.importorskip("peft", reason="the rl extra (pip install token_prune[rl]) is not installed")
 pytest.importorskip("trl", reason="the rl extra (pip install token_prune[rl]) is not installed")

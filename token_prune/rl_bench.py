@@ -189,7 +189,7 @@ def _markdown(rep: dict) -> str:
         f"GRPO (TRL) with LoRA r={rl['lora_rank']} on the LLM linears: {rl['steps']} steps x "
         f"{rl['prompts_per_step']} prompts x {rl['num_generations']} rollouts, lr {rl['lr']}, KL beta {rl['beta']} "
         f"(k3), reward = normalised exact match, {rl['rows']} training prompts.",
-        f"Runs: " + ", ".join(f"{k} {v['steps_done']} steps in {v['seconds']:.0f}s" for k, v in rep["rl_runs"].items())
+        "Runs: " + ", ".join(f"{k} {v['steps_done']} steps in {v['seconds']:.0f}s" for k, v in rep["rl_runs"].items())
         + f"; {rep['device']}{' ' + rep['gpu'] if rep.get('gpu') else ''}, torch {rep['torch']}, "
         f"git {rep.get('git_sha', '?')}{' (dirty)' if rep.get('git_dirty') else ''}.",
         "",
