@@ -14,6 +14,11 @@ requirement() {
   echo "$req"
 }
 
+# extra NAME: the requirements of the optional extra NAME in pyproject.toml, one per line.
+extra() {
+  sed -n "s/^$1 = \[\(.*\)\]$/\1/p" "$REPO/pyproject.toml" | tr ',' '\n' | sed 's/^ *"//; s/" *$//' | grep -v '^$'
+}
+
 # transformers_requirement: the declared range, or what TOKEN_PRUNE_TRANSFORMERS asks for:
 #   lowest   the lowest allowed release (CI tests it)
 #   newest   the newest allowed release (the default; CI tests it too)

@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/common.sh
 
-install_package pytest hypothesis matplotlib
+# The rl extra (trl, peft) too, so that the GlimpsePrune+ tests run rather than skip.
+mapfile -t RL_EXTRA < <(extra rl)
+install_package pytest hypothesis matplotlib "${RL_EXTRA[@]}"
 echo "test.sh: $("$PYTHON" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")')"
 
 rc=0

@@ -26,6 +26,8 @@ _LAZY = {
     "calibrate_alvts": "alvts_calibration",
     "train_small_lvlm": "eval",
     "eval_accuracy": "eval",
+    "train_rl": "train.rl",  # GlimpsePrune+ (needs the rl extra: trl, peft)
+    "load_rl_adapters": "train.rl",
 }
 
 
@@ -53,5 +55,7 @@ __all__ = [
     "calibrate_alvts",
     "train_small_lvlm",
     "eval_accuracy",
+    "train_rl",
+    "load_rl_adapters",
     "__version__",
 ]

@@ -502,3 +502,76 @@ def gather_rows(
     packed, _, index, mask = compact_tokens(keep, full, [], rows, keep, out_len)
     index = torch.where(mask, index[0], torch.full_like(index[0], -1))
     return packed, index
+
+
+# -- autograd -------------------------------------------------------------------------------
+# Training through a pruned forward (GlimpsePrune+, token_prune.train.rl) needs gradients across the
+# compaction: without these formulas every layer before the pruning layer would get none. Both
+# backwards are plain indexing, so they run on any device and are themselves differentiable.
+# (scatter_rows_ mutates its input and stays without a formula; the methods only call it when no
+# gradient is wanted.)
+
+
+def _compact_slots(keep: torch.Tensor, out_len: int):
+    """(sample, source position, output slot) of every kept token, as 1-D int64 tensors.
+
+    Sample ``b``'s kept tokens fill slots ``out_len - n_b .. out_len - 1`` in order; a token whose
+    slot would be negative (an ``out_len`` too small, which only CUDA tolerates) was dropped."""
+    rank = keep.long().cumsum(1) - 1
+    slot = out_len - keep.sum(1, keepdim=True) + rank
+    b, s = keep.nonzero(as_tuple=True)
+    slot = slot[b, s]
+    ok = slot >= 0
+    return b[ok], s[ok], slot[ok]
+
+
+def _compact_tokens_setup(ctx, inputs, output):
+    keep, out_len, hidden, caches, _positions, _mask = inputs
+    ctx.save_for_backward(keep)
+    ctx.out_len = int(out_len)
+    ctx.hidden_shape = hidden.shape
+    ctx.cache_shapes = [c.shape for c in caches]
+
+
+def _compact_tokens_backward(ctx, grad_hidden, grad_caches, _grad_positions, _grad_mask):
+    (keep,) = ctx.saved_tensors
+    b, s, slot = _compact_slots(keep, ctx.out_len)
+    grad_in = None
+    if grad_hidden is not None:
+        grad_in = grad_hidden.new_zeros(ctx.hidden_shape)
+        grad_in[b, s] = grad_hidden[b, slot]
+    grads_in = []
+    for g, shape in zip(grad_caches, ctx.cache_shapes):
+        if g is None:
+            grads_in.append(None)
+            continue
+        gi = g.new_zeros(shape)
+        gi[b, :, s] = g[b, :, slot]
+        grads_in.append(gi)
+    return None, None, grad_in, grads_in, None, None
+
+
+def _scatter_rows_setup(ctx, inputs, output):
+    _full, packed, index, residual = inputs
+    ctx.save_for_backward(index)
+    ctx.packed_shape = packed.shape
+    ctx.has_residual = residual is not None
+
+
+def _scatter_rows_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    ok = index >= 0
+    rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+    b, j, target = rows[ok], ok.nonzero(as_tuple=True)[1], index[ok].long()
+    # The written rows replaced full's rows: those get no gradient in full.
+    grad_full = grad.clone()
+    grad_full[b, target] = 0
+    grad_packed = grad.new_zeros(ctx.packed_shape)
+    grad_packed[b, j] = grad[b, target]
+    return grad_full, grad_packed, None, (grad_packed if ctx.has_residual else None)
+
+
+torch.library.register_autograd("token_prune::compact_tokens", _compact_tokens_backward,
+                                setup_context=_compact_tokens_setup)
+torch.library.register_autograd("token_prune::scatter_rows", _scatter_rows_backward,
+                                setup_context=_scatter_rows_setup)

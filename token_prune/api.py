@@ -80,7 +80,9 @@ def patch(model, method: str = "glimpse", **options) -> PatchHandle:
 
     Args:
         model: a Hugging Face ``Qwen2_5_VLForConditionalGeneration``, ``LlavaForConditionalGeneration``
-            (LLaVA-1.5) or ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT).
+            (LLaVA-1.5) or ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT); also such a model
+            wrapped by PEFT (a ``PeftModel``, e.g. LoRA on the language model): the patch then goes
+            on the model inside, and the adapters stay active in every pruned forward.
         method: ``"glimpse"``.
         **options: the method's options (see :class:`token_prune.methods.glimpse.GlimpsePrune`).
 
@@ -93,6 +95,7 @@ def patch(model, method: str = "glimpse", **options) -> PatchHandle:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
+    model = hf_model(model)
     existing = model.__dict__.get(_ATTR)
     if existing is not None and existing.active:
         raise ValueError(
@@ -109,9 +112,18 @@ def patch(model, method: str = "glimpse", **options) -> PatchHandle:
     return handle
 
 
+def hf_model(model):
+    """The Hugging Face model a PEFT wrapper holds (``PeftModel.get_base_model()``), else ``model``.
+
+    Checked by the wrapper's module so that peft need not be installed."""
+    if type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def unpatch(model) -> bool:
     """Remove whatever ``token_prune`` installed on ``model``. Returns False when it was not patched."""
-    handle = model.__dict__.get(_ATTR)
+    handle = hf_model(model).__dict__.get(_ATTR)
     if handle is None:
         return False
     handle.remove()
@@ -119,6 +131,6 @@ def unpatch(model) -> bool:
 
 
 def get_handle(model) -> PatchHandle | None:
-    """The active handle of ``model``, or None."""
-    handle = model.__dict__.get(_ATTR)
+    """The active handle of ``model`` (or of the model inside a PEFT wrapper), or None."""
+    handle = hf_model(model).__dict__.get(_ATTR)
     return handle if handle is not None and handle.active else None

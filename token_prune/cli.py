@@ -118,6 +118,10 @@ def main(argv=None) -> int:
 
     _train_subcommands(sub)  # train-vip, eval-vip (GlimpsePrune stage 1)
 
+    from token_prune.eval.rl_bench import add_subcommands as _rl_subcommands
+
+    _rl_subcommands(sub)  # train-rl, bench-rl (GlimpsePrune+; the rl extra)
+
     from token_prune.bench import add_arguments as _bench_arguments
 
     bench = sub.add_parser("bench", help="end-to-end latency / memory benchmark on full-size architectures "
