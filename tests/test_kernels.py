@@ -403,6 +403,9 @@ def keep_scores(sizes, mode, dtype, seed):
         s = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
     elif mode == "saturated":  # sigmoid rounds to exactly 0 or 1 in float32
         s = torch.randint(0, 2, (n,), generator=g).float() * 80 - 40 + torch.randn(n, generator=g)
+    elif mode == "nan":  # a fifth NaN: ranked first by the sort, never above the threshold
+        s = torch.randn(n, generator=g) * 2
+        s[torch.rand(n, generator=g) < 0.2] = float("nan")
     else:
         raise ValueError(mode)
     return s.to(dtype)
@@ -412,7 +415,7 @@ KEEP_SIZES = [[10], [1, 0, 7, 1], [64, 63, 129], [576, 576], [2304, 17, 1000]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["normal", "ties", "saturated"])
+@pytest.mark.parametrize("mode", ["normal", "ties", "saturated", "nan"])
 @pytest.mark.parametrize("sizes", KEEP_SIZES, ids=lambda s: "-".join(map(str, s)))
 def test_keep_mask_matches_the_rule_exactly(sizes, mode, device):
     for dtype in (F32, BF16, F64):
@@ -455,7 +458,7 @@ def test_keep_mask_tokens_outside_images_are_false(device):
     min_keep=st.integers(0, 5),
     keep_ratio=st.one_of(st.none(), st.floats(0, 1)),
     logits=st.booleans(),
-    mode=st.sampled_from(["normal", "ties", "saturated"]),
+    mode=st.sampled_from(["normal", "ties", "saturated", "nan"]),
     seed=st.integers(0, 2**16),
 )
 def test_keep_mask_hypothesis(sizes, threshold, max_keep_ratio, min_keep, keep_ratio, logits, mode, seed):
@@ -466,6 +469,66 @@ def test_keep_mask_hypothesis(sizes, threshold, max_keep_ratio, min_keep, keep_r
                 scores_are_logits=logits)
     got = _ops.keep_mask(scores, sizes_to_cu(sizes, "cpu"), **opts)
     assert torch.equal(got, keep_mask_from_scores(scores, sizes, **opts))
+
+
+KEEP_NAN_CASES = [
+    # p (already probabilities), options, kept: worked out by hand from the rule
+    # floor decides: exactly the top 2 of the order nan, nan, 0.9; 0.9 is above the threshold but left out
+    ([math.nan, math.nan, 0.9], dict(min_keep=2), [True, True, False]),
+    # the cap decides (3 above 0.5 > cap 2): the top 2 are nan and 0.9
+    ([0.9, math.nan, 0.8, 0.7], dict(max_keep_ratio=0.5), [True, True, False, False]),
+    # neither decides (1 above, floor 1): the threshold alone, NaN is not above it
+    ([math.nan, 0.9, 0.2], dict(min_keep=1), [False, True, False]),
+    # floor 3 of 4 with one above: the top 3 are nan, nan, 0.9
+    ([0.1, math.nan, 0.9, math.nan], dict(min_keep=3), [False, True, True, True]),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(KEEP_NAN_CASES)))
+def test_keep_mask_nan_scores_keep_exactly_the_top_k(case, device):
+    probs, opts, want = KEEP_NAN_CASES[case]
+    opts = dict(threshold=0.5, scores_are_logits=False, **opts)
+    scores = torch.tensor(probs).to(device)
+    cu = sizes_to_cu([len(probs)], device)
+    want = torch.tensor(want)
+    assert torch.equal(keep_mask_ref(scores, cu, **opts).cpu(), want)
+    assert torch.equal(_ops.keep_mask(scores, cu, **opts).cpu(), want)
+    with _ops.use_kernels(False):
+        assert torch.equal(keep_mask_from_scores(scores, [len(probs)], **opts).cpu(), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 30), min_size=1, max_size=4),
+    threshold=st.floats(0, 1),
+    max_keep_ratio=st.one_of(st.none(), st.floats(0, 1)),
+    min_keep=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_keep_mask_count_does_not_depend_on_nan(sizes, threshold, max_keep_ratio, min_keep, seed):
+    # Independent of the sort: each image keeps max(floor, min(above, cap)) tokens, every
+    # token above the threshold when neither bound decides, and only top-ranked ones otherwise.
+    scores = keep_scores(sizes, "nan", F32, seed)
+    opts = dict(threshold=threshold, max_keep_ratio=max_keep_ratio, min_keep=min_keep)
+    got = _ops.keep_mask(scores, sizes_to_cu(sizes, "cpu"), **opts)
+    assert torch.equal(got, keep_mask_ref(scores, sizes_to_cu(sizes, "cpu"), **opts))
+    probs = torch.sigmoid(scores)
+    start = 0
+    for n in sizes:
+        p, kept = probs[start:start + n], got[start:start + n]
+        start += n
+        above = p > threshold
+        cap = n if max_keep_ratio is None else int(max_keep_ratio * n)
+        count = int(above.sum())
+        want = max(min(n, min_keep), min(count, cap))
+        assert int(kept.sum()) == want
+        if min(n, min_keep) <= count <= cap:
+            assert torch.equal(kept, above)
+        else:  # a kept token outranks every dropped one (NaN highest)
+            rank = torch.where(p.isnan(), torch.full_like(p, 2.0), p)
+            if kept.any() and (~kept).any():
+                assert rank[kept].min() >= rank[~kept].max()
 
 
 @pytest.mark.gpu

@@ -442,9 +442,16 @@ def keep_mask(
 ) -> torch.Tensor:
     """GlimpsePrune's keep rule for every image at once, decided on the device.
 
-    Exactly :func:`token_prune.runtime.keep_mask_from_scores` (same options, same ties:
-    the earlier token wins), with the images given as int32 ``cu_seqlens`` over the
-    ``[N]`` scores instead of a host list. On CUDA nothing is copied to the host.
+    Exactly :func:`token_prune.reference.keep_mask_ref`, which
+    :func:`token_prune.runtime.keep_mask_from_scores` runs on the CPU (same options,
+    same ties: the earlier token wins; NaN ranks first, as in ``torch.sort``), with the
+    images given as int32 ``cu_seqlens`` over the ``[N]`` scores instead of a host list.
+    Whenever the cap or the floor decides, an image keeps exactly the top ``k``, never
+    the threshold's survivors plus extras, so its count is always
+    ``max(min(n, min_keep), min(above, cap))``. On CUDA nothing is copied to the host.
+
+    ``cu_seqlens`` must be non-decreasing with entries in ``[0, N]`` (the CPU kernel
+    raises otherwise; not checked on CUDA); it need not start at 0 or end at ``N``.
 
     Returns:
         bool ``[N]``; tokens outside every image are False.

@@ -259,12 +259,20 @@ def keep_mask_ref(
     rule, image by image (image ``i`` = entries ``cu[i]:cu[i+1]``).
 
     ``p = sigmoid(scores.float())`` (or ``scores.float()``). Threshold mode:
-    keep ``p > threshold``; if ``max_keep_ratio`` is set and more than
-    ``cap = int(max_keep_ratio * n)`` pass, keep the top ``cap``; if fewer
-    than ``min(n, min_keep)`` are kept, keep that many top-scored. Ratio mode
-    (``keep_ratio`` set): exactly the top ``min(n, ceil(keep_ratio*n - 1e-9))``.
-    "Top" is a stable descending sort: ties go to the earlier token, NaN
-    ranks above everything. Returns bool ``[N]``.
+    with ``count`` tokens at ``p > threshold``, ``cap = int(max_keep_ratio * n)``
+    and ``floor = min(n, min_keep)``:
+
+    * ``count > cap`` (cap set): exactly the top ``max(cap, floor)``;
+    * else ``count < floor``: exactly the top ``floor``;
+    * else the ``count`` tokens above the threshold.
+
+    So an image always keeps ``max(floor, min(count, cap))`` tokens. Ratio
+    mode (``keep_ratio`` set): exactly the top ``min(n, ceil(keep_ratio*n -
+    1e-9))``. "Top" is a stable descending sort: ties go to the earlier token,
+    NaN ranks above everything (as in ``torch.sort``) but is never above the
+    threshold, so with NaN scores the top ``floor`` may leave out a token
+    above the threshold: ``p = [nan, nan, 0.9]``, threshold 0.5,
+    ``min_keep=2`` keeps the two NaN. Returns bool ``[N]``.
     """
     probs = torch.sigmoid(scores.float()) if scores_are_logits else scores.float()
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
@@ -282,15 +290,17 @@ def keep_mask_ref(
         else:
             sel = p > threshold
             count = int(sel.sum())
-            if max_keep_ratio is not None:
-                cap = int(max_keep_ratio * n)
-                if count > cap:
-                    sel = torch.zeros_like(sel)
-                    sel[order[:cap]] = True
-                    count = cap
             floor = min(n, min_keep)
-            if count < floor:
-                sel[order[:floor]] = True
+            k = None
+            if max_keep_ratio is not None and count > int(max_keep_ratio * n):
+                k = max(int(max_keep_ratio * n), floor)
+            elif count < floor:
+                k = floor
+            if k is not None:
+                # Exactly the top k, not the survivors plus the top k: the count must not depend
+                # on where NaN scores sit.
+                sel = torch.zeros_like(sel)
+                sel[order[:k]] = True
         keep[start:start + n] = sel
     return keep
 
