@@ -216,6 +216,48 @@ def test_glimpse_attention_map_cuda_realistic():
         assert_within_twice_reference(got, same, exact.float(), what="glimpse realistic")
 
 
+GLIMPSE_OUTSIDE_CASES = [
+    # batch, heads, kv_heads, dim, dtype, layout, N_v, cu_seqlens (not running from 0 to N_v)
+    (2, 28, 4, 128, BF16, "contiguous", 20, [3, 9, 15]),  # 16-byte path
+    (1, 6, 3, 32, F16, "strided_dim", 10, [2, 7]),  # element path, one sample: both ranges
+    (2, 4, 2, 8, F64, "contiguous", 7, [0, 2, 5]),  # float64: the ATen path, a tail only
+    (0, 4, 2, 8, F32, "contiguous", 3, [0]),  # no sample at all
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("log_softmax", [False, True], ids=["logits", "log_softmax"])
+@pytest.mark.parametrize("case", range(len(GLIMPSE_OUTSIDE_CASES)))
+def test_glimpse_attention_map_rows_outside_every_sample(case, log_softmax, device):
+    batch, heads, kv_heads, dim, dtype, layout, n_vis, offsets = GLIMPSE_OUTSIDE_CASES[case]
+    seq = 30
+    q, cos, sin, keys, _, _, mask = glimpse_inputs(max(batch, 1), heads, kv_heads, seq, dim, [1] * max(batch, 1),
+                                                   dtype, layout=layout, seed=case, device=device)
+    q, cos, sin, keys, mask = (t[:batch] for t in (q, cos, sin, keys, mask))
+    positions = torch.randint(0, seq, (n_vis,), generator=torch.Generator().manual_seed(case)).to(device)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    args = (q, cos, sin, keys, cu, positions, mask)
+    if device == "cpu":  # the values are at hand: a broken precondition raises
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+            _ops.glimpse_attention_map(*args, log_softmax=log_softmax)
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+            glimpse_attention_map_ref(*args, log_softmax=log_softmax)
+        return
+    poison(device)
+    got = _ops.glimpse_attention_map(*args, log_softmax=log_softmax).cpu()
+    assert got.shape == (n_vis, heads)
+    outside = _rows_outside(n_vis, offsets)
+    assert got[outside].isnan().all()
+    lo, hi = offsets[0], offsets[-1]
+    if hi > lo:
+        sub = (q, cos, sin, keys, (cu - lo), positions[lo:hi], mask)
+        scale = 1.0 / math.sqrt(dim)
+        same = glimpse_attention_map_ref(*sub, scale, log_softmax)
+        exact = glimpse_attention_map_ref(*(t.double() for t in sub[:4]), *sub[4:], scale, log_softmax)
+        floor = 1e-12 if dtype == F64 else 1e-6
+        assert_within_twice_reference(got[lo:hi], same, exact.to(same.dtype), floor=floor, what="glimpse inside rows")
+
+
 @pytest.mark.parametrize(
     "override, match",
     [
@@ -288,9 +330,9 @@ def vip_id(case):
     return f"{sizes}-H{h}-D{d}-Dv{dv}-{str(dtype)[6:]}"
 
 
-def check_vip(q, k, v, pos, cu, sizes, device, **kw):
+def check_vip(q, k, v, pos, cu, sizes, device, max_seqlen=None, **kw):
     poison(device)
-    got = _ops.vip_attention(q, k, v, pos, cu, max(sizes), **kw)
+    got = _ops.vip_attention(q, k, v, pos, cu, max(sizes) if max_seqlen is None else max_seqlen, **kw)
     assert got.dtype == q.dtype and got.shape == (q.shape[0], q.shape[1], v.shape[2])
     scale = kw.get("scale")
     theta = kw.get("theta", 10000.0)
@@ -319,6 +361,58 @@ def test_vip_attention_options_and_layouts(device):
     q, k, v, pos, cu = vip_inputs(sizes, 4, 192, 64, BF16, seed=1, device=device, layout="head_major",
                                   pos_dtype=torch.int32)
     check_vip(q, k, v, pos, cu, sizes, device, scale=0.05, theta=100.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "f32"])  # CUDA: tensor-core / SIMT kernel
+@pytest.mark.parametrize("max_seqlen", [0, 1, 64, 65, 10_000])
+def test_vip_attention_any_max_seqlen_covers_every_row(max_seqlen, dtype, device):
+    # Images longer than max_seqlen: the CUDA kernels stride over the query tiles the grid
+    # does not cover, so every row is written (the allocator is poisoned: a lost row is NaN).
+    sizes = [130, 1, 67, 200]
+    q, k, v, pos, cu = vip_inputs(sizes, 4, 192, 64, dtype, seed=max_seqlen, device=device)
+    check_vip(q, k, v, pos, cu, sizes, device, max_seqlen=max_seqlen)
+
+
+def _rows_outside(n, cu):
+    inside = torch.zeros(n, dtype=torch.bool)
+    inside[cu[0]:cu[-1]] = True
+    return ~inside
+
+
+VIP_OUTSIDE_CASES = [
+    # tokens, cu_seqlens (not running from 0 to N)
+    (60, [5, 25, 25, 48]),
+    (12, [3, 10]),  # one image: both ranges
+    (9, [0, 4]),  # a tail only
+    (4, [0]),  # no image at all
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("case", range(len(VIP_OUTSIDE_CASES)))
+def test_vip_attention_rows_outside_every_image(case, dtype, device):
+    n, offsets = VIP_OUTSIDE_CASES[case]
+    q, k, v, pos, _ = vip_inputs([n], 4, 192, 64, dtype, seed=case, device=device)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    if device == "cpu":  # the values are at hand: a broken precondition raises
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+            _ops.vip_attention(q, k, v, pos, cu, n)
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+            vip_attention_ref(q, k, v, pos, cu, n)
+        return
+    poison(device)
+    got = _ops.vip_attention(q, k, v, pos, cu, n).cpu()
+    outside = _rows_outside(n, offsets)
+    assert got[outside].isnan().all()
+    lo, hi = offsets[0], offsets[-1]
+    if hi > lo:
+        sub = [t[lo:hi] for t in (q, k, v, pos)]
+        sub_cu = (cu - lo).cpu()
+        same = vip_attention_ref(*sub, sub_cu, n)
+        exact = vip_attention_ref(*(t.double() for t in sub[:3]), sub[3], sub_cu, n)
+        assert_within_twice_reference(got[lo:hi].float(), same.float(), exact.float(), what="vip inside rows")
 
 
 @settings(max_examples=25, deadline=None)

@@ -379,8 +379,12 @@ def glimpse_attention_map(
         keys: ``[B, Hkv, S, d]`` layer K's rotated keys (the KV cache), q's dtype, any
             strides; query head ``h`` reads key head ``h // (Hq // Hkv)``.
         cu_seqlens: int32 ``[B + 1]``; sample ``b``'s visual tokens are
-            ``positions[cu[b]:cu[b+1]]``; ``cu[B]`` must equal ``N_v``.
-        positions: int32/int64 ``[N_v]``, each visual token's index into ``S``.
+            ``positions[cu[b]:cu[b+1]]``. Must run from 0 to ``N_v`` without
+            decreasing: the CPU kernel raises otherwise; the CUDA kernel does not
+            check (that would need a host sync) and writes NaN rows for visual
+            tokens outside every sample (entries out of ``[0, N_v]`` are undefined).
+        positions: int32/int64 ``[N_v]``, each visual token's index into ``S``
+            (in ``[0, S)``; not checked on CUDA).
         key_mask: ``[B, S]`` nonzero for real keys; only read with ``log_softmax``
             (None: all keys are real).
         scale: defaults to ``1/sqrt(d)``.
@@ -413,10 +417,15 @@ def vip_attention(
         q, k: ``[N, H, D]`` before rotary (``D`` divisible by 4; the VIP's is 192).
         v: ``[N, H, Dv]`` (the VIP's ``Dv`` is 64); one dtype for q, k, v.
         positions: int ``[N, 2]``, each token's (row, col) on its image's grid.
-        cu_seqlens: int32 ``[n_images + 1]``, from 0 to ``N``; image ``i`` owns tokens
-            ``cu[i]:cu[i+1]`` and attends within them, bidirectionally.
-        max_seqlen: the longest image (a host int; sizes the CUDA grid, so it must not
-            be smaller than the longest image).
+        cu_seqlens: int32 ``[n_images + 1]``; image ``i`` owns tokens ``cu[i]:cu[i+1]``
+            and attends within them, bidirectionally. Must run from 0 to ``N`` without
+            decreasing: the CPU kernel raises otherwise; the CUDA kernel does not check
+            (a host sync) and writes NaN rows for tokens outside every image (entries
+            out of ``[0, N]`` are undefined).
+        max_seqlen: the longest image, a host int that sizes the CUDA grid (query rows
+            per image covered by one wave of blocks). Any value is correct: the kernels
+            loop over the rest of a longer image, so a smaller one only costs time, a
+            larger one only idle blocks. Ignored on the CPU.
         scale: defaults to ``1/sqrt(D)``; theta: the RoPE base.
 
     Returns:
