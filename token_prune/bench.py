@@ -1475,6 +1475,7 @@ PRESETS = {
         check_batch=1,
     ),
 }
+PRESETS["qwen2_5_vl_7b_4k"] = PRESETS["issue6"]  # the preset's name after the package restructuring
 
 
 def _csv(conv):
