@@ -159,6 +159,33 @@ def test_accuracy_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert "VIP training vip_K" in summary and "| unpatched |" in summary
 
 
+def test_summary_reads_the_benchmark_files(tmp_path):
+    # One tiny benchmark run (CPU) stands in for the end-to-end and sweep steps' result files, so
+    # the summary is read from the very JSON the benchmark writes, whatever shape it has then.
+    out = tmp_path / "out"
+    bench = [PY, "-m", "token_prune.bench", "--tiny", "--setting", "fastv:layer=1,keep_ratio=0.5",
+             "--only", "check,latency,sweep", "--sweep", "--sweep-batches", "1", "--warmup", "0", "--repeats", "1",
+             "--decode-warmup", "0", "--decode-repeats", "1", "--decode-tokens", "2", "--sweep-decode-tokens", "2",
+             "--sweep-warm-steps", "0", "--check-tokens", "2", "--no-plot", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for directory, tag in (("e2e", "kernels-on"), ("e2e", "kernels-off"), ("sweep", "decode-sweep")):
+        done = subprocess.run([*bench, "--out-dir", str(out / directory), "--tag", tag], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    report = _module("report")
+    for script in ("check", "decode_sweep"):
+        report.summary(out, script)
+        summary = (out / "summary.md").read_text()
+        assert "could not read" not in summary, summary
+        if script == "check":
+            assert "kernels off (CUDA extension loaded:" in summary
+            row = next(line for line in summary.splitlines() if line.startswith("| fastv K=1 f=0.5 |"))
+            assert "–" not in row.split("|")[2]  # LM prefill on / off: two numbers
+            assert "no junit XML" in summary and "bench/kernels.py: no results file." in summary
+        else:
+            assert "largest batch within the memory cap: unpatched 1, fastv K=1 f=0.5 1." in summary
+
+
 def test_sanitizer_subset_passes_on_the_cpu_kernels():
     module = _module("sanitize_ops")
     checker = module.run(torch.device("cpu"))

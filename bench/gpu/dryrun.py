@@ -132,15 +132,6 @@ def check_argparse(kind: str, target: str, args: list[str]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _option_value(args: list[str], name: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
 def check_bench(args: list[str], scratch: Path) -> list[str]:
     notes = [check_argparse("module", "token_prune.bench", args)]
     cost_dir = scratch / "bench-cost-only"

@@ -14,9 +14,10 @@
 #
 # Timeouts. Each slot has a planned number of seconds, and the plan (with PROVENANCE_S for the
 # provenance queries at the start and END_RESERVE_S for the summary at the end) must fit the
-# budget, so the script ends in time even if every step runs to its timeout. At run time a slot gets what is left of the budget minus the planned seconds of the
-# slots after it: time that earlier slots did not use goes to the next one, and a hang can
-# never take time planned for later slots. `timeout` sends TERM to the step's process group,
+# budget, so the script ends in time even if every step runs to its timeout. At run time a slot
+# gets what is left of the budget minus the planned seconds of the slots after it: time that
+# earlier slots did not use goes to the next one, and a hang can never take time planned for
+# later slots. `timeout` sends TERM to the step's process group,
 # then KILL after KILL_GRACE seconds, which the slot's time includes. A step that fails or
 # times out is recorded and the script goes on with the next.
 #

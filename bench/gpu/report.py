@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import glob
 import json
 import os
 import platform
@@ -172,10 +171,12 @@ def e2e_section(out: Path) -> list[str]:
         if data is None:
             lines.append(f"{name}: no results file.")
             continue
-        lines.append(f"{name}: agreement check " + ("; ".join(check_rows(data)) or "not run") + ".")
+        env = data.get("env", {})
+        lines.append(f"{name} (CUDA extension loaded: {env.get('extension_with_cuda')}): agreement check "
+                     + ("; ".join(check_rows(data)) or "not run") + ".")
     off_rows = {r["setting"]: r for r in (off or {}).get("latency", [])}
-    lines += ["", "| setting | LM prefill ms on / off | TTFT ms on / off | decode step ms on / off | peak GiB on / off |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| setting | LM prefill ms on / off | TTFT ms on / off | decode step ms on / off "
+                  "| peak GiB on / off |", "|---|---|---|---|---|"]
     for r in (on or {}).get("latency", []):
         o = off_rows.get(r["setting"], {})
 
