@@ -487,7 +487,8 @@ def scatter_rows(
     Args:
         full: ``[B, S, H]``.
         packed: ``[B, S', H]``, full's dtype; residual: the same shape or None.
-        index: int32/int64 ``[B, S']``, target rows (-1: skip), unique per sample, < S.
+        index: int32/int64 ``[B, S']``, target rows (-1: skip), unique per sample, < S (the CPU
+            kernel raises on a row out of range; CUDA does not check: that would need a sync).
         inplace: write into ``full`` (only the packed rows move) instead of a copy.
 
     Returns:
