@@ -22,6 +22,7 @@ import argparse
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -367,14 +368,17 @@ def cases(smoke: bool, device):
 
 
 def git_sha() -> str:
+    """HEAD (with ``-dirty``), else what the caller passed in ``TOKEN_PRUNE_GIT_SHA`` (a copy of the
+    tree without ``.git``, as on the GPU machines)."""
+    passed = os.environ.get("TOKEN_PRUNE_GIT_SHA") or "unknown"
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "") if sha else "unknown"
+        return sha + ("-dirty" if dirty else "") if sha else passed
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return passed
 
 
 def describe(params: dict) -> str:

@@ -18,10 +18,21 @@ at::Tensor glimpse_attention_map_composite(const at::Tensor& q, const at::Tensor
                                            double scale, bool log_softmax) {
   const GlimpseShape g =
       check_glimpse_attention_map(q, cos, sin, keys, cu_seqlens, positions, key_mask);
+  // On the CPU the values are at hand, so the precondition is checked; on a
+  // GPU that would need a host sync, and rows outside every sample come out
+  // NaN instead (as in the CUDA kernel).
+  const bool checked = cu_seqlens.is_cpu();
+  if (checked) {
+    checked_cu_seqlens("token_prune::glimpse_attention_map: ", cu_seqlens, g.n_vis, true);
+  }
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = q.options().dtype(acc);
   if (g.n_vis == 0 || g.heads == 0) {
     return at::empty({g.n_vis, g.heads}, opts);
+  }
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (g.batch == 0) {
+    return at::full({g.n_vis, g.heads}, nan, opts);
   }
   const int64_t half = g.dim / 2;
   const int64_t groups = g.heads / g.kv_heads;
@@ -35,8 +46,17 @@ at::Tensor glimpse_attention_map_composite(const at::Tensor& q, const at::Tensor
 
   // Sample of each packed visual token: b with cu[b] <= i < cu[b + 1].
   const at::Tensor idx = at::arange(g.n_vis, cu_seqlens.options());
+  // Clamped: a token past cu[B] would otherwise index sample B.
   const at::Tensor sample = at::searchsorted(cu_seqlens.narrow(0, 1, g.batch), idx,
-                                             /*out_int32=*/false, /*right=*/true);
+                                             /*out_int32=*/false, /*right=*/true)
+                                .clamp_max(g.batch - 1);
+  const auto outside_as_nan = [&](const at::Tensor& out) {
+    if (checked) {
+      return out;
+    }
+    const at::Tensor outside = idx.lt(cu_seqlens.narrow(0, 0, 1)).logical_or(idx.ge(cu_seqlens.narrow(0, g.batch, 1)));
+    return at::where(outside.unsqueeze(1), at::full({}, nan, out.options()), out).contiguous();
+  };
   const at::Tensor pos = positions.to(at::kLong);
   using at::indexing::Slice;
 
@@ -44,9 +64,9 @@ at::Tensor glimpse_attention_map_composite(const at::Tensor& q, const at::Tensor
     // Only the visual keys are read: [N_v, Hkv, d].
     const at::Tensor kv = keys.index({sample, Slice(), pos}).to(acc);
     const at::Tensor qv = q_rot.index_select(0, sample).view({g.n_vis, g.kv_heads, groups, g.dim});
-    return (at::matmul(qv, kv.unsqueeze(-1)).squeeze(-1) * scale)
-        .reshape({g.n_vis, g.heads})
-        .contiguous();
+    return outside_as_nan((at::matmul(qv, kv.unsqueeze(-1)).squeeze(-1) * scale)
+                              .reshape({g.n_vis, g.heads})
+                              .contiguous());
   }
 
   // Log-softmax over every real key of the sample.
@@ -64,9 +84,9 @@ at::Tensor glimpse_attention_map_composite(const at::Tensor& q, const at::Tensor
   // Keys the mask marks as padding are -inf (also in a sample without any
   // real key, where vis - lse would be -inf - -inf).
   const at::Tensor vis_real = real.index({sample, pos}).unsqueeze(1);       // [N_v, 1]
-  return at::where(vis_real, vis - lse.index_select(0, sample),
-                   at::full({}, -std::numeric_limits<double>::infinity(), vis.options()))
-      .contiguous();
+  return outside_as_nan(at::where(vis_real, vis - lse.index_select(0, sample),
+                                  at::full({}, -std::numeric_limits<double>::infinity(), vis.options()))
+                            .contiguous());
 }
 
 }  // namespace token_prune

@@ -17,6 +17,10 @@
 //
 // float64 inputs and head dims over 256 go to the ATen implementation
 // (glimpse_cpu.cpp), which runs on any device.
+//
+// Rows of visual tokens that belong to no sample (cu_seqlens not running
+// from 0 to N_v: a broken precondition that only the CPU kernel can afford to
+// check) are written as NaN, so no output element is left uninitialised.
 #include "common.h"
 
 #if TOKEN_PRUNE_WITH_CUDA
@@ -93,6 +97,7 @@ struct Params {
   int64_t splits;
   int64_t keys_per_split;
   float* out;              // [N_v, Hq]
+  int64_t n_vis;
   int heads, kv_heads, groups, group_splits, dim, seq;
   int lanes_per_row;       // power of two <= 32
   float scale;
@@ -291,6 +296,15 @@ __global__ void __launch_bounds__(kThreads) glimpse_lse_kernel(const Params p) {
   }
 }
 
+// out[lo:hi, :] = NaN, strided over the x-blocks.
+__device__ __forceinline__ void fill_nan_rows(float* out, int64_t lo, int64_t hi, int heads) {
+  const float nan = __int_as_float(0x7fc00000);
+  for (int64_t i = lo * heads + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < hi * heads;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    out[i] = nan;
+  }
+}
+
 // Launch 2: the map itself.
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) glimpse_map_kernel(const Params p) {
@@ -352,6 +366,18 @@ __global__ void __launch_bounds__(kThreads) glimpse_map_kernel(const Params p) {
       }
     }
   }
+
+  // Rows outside every sample: [0, cu[0]) by sample 0's blocks, [cu[B], N_v)
+  // by the last sample's, all heads, clamped to [0, N_v].
+  if (blockIdx.y == 0) {
+    const int64_t last = static_cast<int64_t>(gridDim.z);
+    if (b == 0) {
+      fill_nan_rows(p.out, 0, min(max(static_cast<int64_t>(p.cu[0]), int64_t{0}), p.n_vis), p.heads);
+    }
+    if (b == last - 1) {
+      fill_nan_rows(p.out, min(max(static_cast<int64_t>(p.cu[last]), int64_t{0}), p.n_vis), p.n_vis, p.heads);
+    }
+  }
 }
 
 int next_pow2(int x) {
@@ -393,8 +419,8 @@ at::Tensor glimpse_attention_map_cuda(const at::Tensor& q, const at::Tensor& cos
   const int64_t groups = g.heads / g.kv_heads;
   const int64_t group_splits = (groups + kMaxG - 1) / kMaxG;
   // batch == 0: nothing for the kernels to do, and the grid sizing below
-  // divides by the batch; the composite returns the empty map, or rejects
-  // visual tokens that belong to no sample exactly as the CPU kernel does.
+  // divides by the batch; the composite returns the empty map, or NaN rows
+  // for visual tokens that then belong to no sample.
   if (q.scalar_type() == at::kDouble || g.dim > kMaxDim || g.batch == 0 || g.batch > 65535 ||
       g.kv_heads * group_splits > 65535) {
     return glimpse_attention_map_composite(q, cos, sin, keys, cu_seqlens, positions, key_mask,
@@ -435,6 +461,7 @@ at::Tensor glimpse_attention_map_cuda(const at::Tensor& q, const at::Tensor& cos
   p.positions_64 = pos.scalar_type() == at::kLong;
   p.key_mask = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   p.out = out.mutable_data_ptr<float>();
+  p.n_vis = g.n_vis;
   p.heads = static_cast<int>(g.heads);
   p.kv_heads = static_cast<int>(g.kv_heads);
   p.groups = static_cast<int>(groups);

@@ -3,6 +3,13 @@
 // kernel from each token's (row, col), bidirectional softmax attention within
 // each image of a ragged batch (cu_seqlens), no N x N matrix in memory.
 //
+// Both kernels stride over their image's query tiles (tile x, x + gridDim.x,
+// ...), so the grid only needs to be as long as the caller's max_seqlen says
+// and a max_seqlen below the longest image costs time, not rows. Rows outside
+// every image (cu_seqlens not running from 0 to N, a broken precondition the
+// CUDA side cannot check without a host sync) are written as NaN, so no
+// output element is ever left uninitialised.
+//
 // Tensor-core kernel (bf16 / fp16, D = 192, Dv = 64), FlashAttention-2 style:
 //   * one CTA = 4 warps = 64 query rows of one (image, head); each warp owns
 //     16 rows and keeps its rotated query tile in registers as mma.sync A
@@ -56,6 +63,8 @@ struct VipParams {
   int64_t q_sn, q_sh, k_sn, k_sh, v_sn, v_sh, o_sn, o_sh;  // elements
   const int32_t* pos;  // [N, 2] (row, col), contiguous
   const int32_t* cu;   // [images + 1]
+  int64_t tokens;      // N
+  int64_t images;
   float scale;
   float theta;
   int dim;
@@ -155,6 +164,42 @@ __device__ __forceinline__ void fast_sincos(float a, float& s, float& c) {
   __sincosf(r, &s, &c);
 }
 
+template <typename T>
+__device__ __forceinline__ T quiet_nan() {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16(__int_as_float(0x7fc00000));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half(__int_as_float(0x7fc00000));
+  } else if constexpr (std::is_same_v<T, double>) {
+    return __longlong_as_double(0x7ff8000000000000ll);
+  } else {
+    return static_cast<T>(__int_as_float(0x7fc00000));
+  }
+}
+
+// NaN into this head's output rows that belong to no image: [0, cu[0]) by
+// the first x-block of image 0, [cu[images], N) by that of the last image.
+template <typename T, int kThreadCount>
+__device__ __forceinline__ void fill_rows_outside_images(const VipParams& p, int img, int head) {
+  if (blockIdx.x != 0) {
+    return;
+  }
+  T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.o_sh;
+  const T nan = quiet_nan<T>();
+  // Clamped to [0, N]: cu_seqlens may be anything here.
+  const int64_t head_end = min(max(static_cast<int64_t>(p.cu[0]), int64_t{0}), p.tokens);
+  const int64_t tail_start = min(max(static_cast<int64_t>(p.cu[p.images]), int64_t{0}), p.tokens);
+  const int64_t ranges[2][2] = {{0, img == 0 ? head_end : 0},
+                                {tail_start, img == p.images - 1 ? p.tokens : tail_start}};
+  for (const auto& r : ranges) {
+    const int64_t count = (r[1] - r[0]) * p.vdim;
+    for (int64_t i = threadIdx.x; i < count; i += kThreadCount) {
+      const int64_t row = r[0] + i / p.vdim;
+      og[row * p.o_sn + i % p.vdim] = nan;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Tensor-core kernel
 // ---------------------------------------------------------------------------
@@ -222,8 +267,11 @@ __device__ __forceinline__ void rope_tile(T* tile, int rows_valid, const int32_t
   }
 }
 
+// Min 3 blocks: the query-tile loop lifts ptxas to 171 registers otherwise, which leaves 2
+// CTAs per sm_90 SM instead of 3. At 168 it spills one word, read once per query tile
+// (outside the key-tile loop).
 template <typename T>
-__global__ void __launch_bounds__(tc::kThreads) vip_attention_tc_kernel(const VipParams p) {
+__global__ void __launch_bounds__(tc::kThreads, 3) vip_attention_tc_kernel(const VipParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   // cp.async and bf16 mma.sync need sm_80; the host routes older GPUs to the
   // SIMT kernel, so this body only keeps builds for older archs compiling.
@@ -239,18 +287,16 @@ __global__ void __launch_bounds__(tc::kThreads) vip_attention_tc_kernel(const Vi
 
   const int img = blockIdx.z;
   const int head = blockIdx.y;
+  fill_rows_outside_images<T, kThreads>(p, img, head);
   const int start = p.cu[img];
   const int len = p.cu[img + 1] - start;
-  const int q0 = blockIdx.x * kBr;
-  if (q0 >= len) {
+  if (static_cast<int>(blockIdx.x) * kBr >= len) {
     return;
   }
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
 
-  const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(start + q0) * p.q_sn +
-                static_cast<int64_t>(head) * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(start) * p.k_sn +
                 static_cast<int64_t>(head) * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(start) * p.v_sn +
@@ -261,172 +307,180 @@ __global__ void __launch_bounds__(tc::kThreads) vip_attention_tc_kernel(const Vi
     // 1 / theta^(arange(0, D/2, 2) / (D/2)), each step rounded like torch's.
     sInv[tid] = 1.0f / powf(p.theta, static_cast<float>(2 * tid) / static_cast<float>(kHalf));
   }
-  const int q_rows = min(kBr, len - q0);
-  const int k_rows0 = min(kBc, len);
-  load_tile<kBr, kD, kKS>(sQ, qg, p.q_sn, q_rows);
-  load_tile<kBc, kD, kKS>(sK, kg, p.k_sn, k_rows0);
-  load_tile<kBc, kDv, kVS>(sV, vg, p.v_sn, k_rows0);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncthreads();
-  rope_tile<kBr>(sQ, q_rows, pos + 2 * q0, sInv);
-  rope_tile<kBc>(sK, k_rows0, pos, sInv);
-  __syncthreads();
+  for (int q0 = blockIdx.x * kBr; q0 < len; q0 += gridDim.x * kBr) {
+    // Every warp must be done with the shared buffers of the previous query tile
+    // (its last K/V tile) before they are refilled; the first pass also
+    // publishes sInv.
+    __syncthreads();
+    const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(start + q0) * p.q_sn +
+                  static_cast<int64_t>(head) * p.q_sh;
+    const int q_rows = min(kBr, len - q0);
+    const int k_rows0 = min(kBc, len);
+    load_tile<kBr, kD, kKS>(sQ, qg, p.q_sn, q_rows);
+    load_tile<kBc, kD, kKS>(sK, kg, p.k_sn, k_rows0);
+    load_tile<kBc, kDv, kVS>(sV, vg, p.v_sn, k_rows0);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    rope_tile<kBr>(sQ, q_rows, pos + 2 * q0, sInv);
+    rope_tile<kBc>(sK, k_rows0, pos, sInv);
+    __syncthreads();
 
-  // Query fragments (A operand, row-major 16 x 16 per k-step).
-  uint32_t qf[kD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) {
-    ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
-            smem_u32(sQ + (warp * 16 + (lane & 15)) * kKS + kk * 16 + (lane >> 4) * 8));
-  }
-  __syncthreads();  // sQ is K buffer 1 again from here on
-
-  float o[kDv / 8][4];
-#pragma unroll
-  for (int t = 0; t < kDv / 8; ++t) {
-    o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
-  }
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};
-  const float scale_log2 = p.scale * 1.4426950408889634f;
-  const int ntiles = (len + kBc - 1) / kBc;
-
-  for (int j = 0; j < ntiles; ++j) {
-    const int buf = j & 1;
-    if (j + 1 < ntiles) {
-      // Buffer buf^1 was last read in iteration j-1, before the barriers
-      // that ended it.
-      const int k0 = (j + 1) * kBc;
-      const int rows = min(kBc, len - k0);
-      load_tile<kBc, kD, kKS>(sK + (buf ^ 1) * kBc * kKS, kg + static_cast<int64_t>(k0) * p.k_sn,
-                              p.k_sn, rows);
-      load_tile<kBc, kDv, kVS>(sV + (buf ^ 1) * kBc * kVS, vg + static_cast<int64_t>(k0) * p.v_sn,
-                               p.v_sn, rows);
-      cp_async_commit();
-    }
-    const T* K = sK + buf * kBc * kKS;
-    const T* V = sV + buf * kBc * kVS;
-
-    // S = Q K^T: 16 x 64 per warp, 8 n-tiles of 8 keys.
-    float s[kBc / 8][4];
-#pragma unroll
-    for (int t = 0; t < kBc / 8; ++t) {
-      s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
-    }
-#pragma unroll
+    // Query fragments (A operand, row-major 16 x 16 per k-step).
+    uint32_t qf[kD / 16][4];
+  #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-#pragma unroll
-      for (int nb = 0; nb < kBc / 16; ++nb) {
-        // Matrices: keys 0-7 x dims 0-7, keys 0-7 x dims 8-15, keys 8-15 x
-        // dims 0-7, keys 8-15 x dims 8-15 -> (b0, b1) of n-tiles 2nb, 2nb+1.
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4(b0, b1, b2, b3,
-                smem_u32(K + (nb * 16 + (lane & 7) + ((lane >> 4) << 3)) * kKS + kk * 16 +
-                         ((lane >> 3) & 1) * 8));
-        TT::mma(s[2 * nb], qf[kk], b0, b1);
-        TT::mma(s[2 * nb + 1], qf[kk], b2, b3);
-      }
+      ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
+              smem_u32(sQ + (warp * 16 + (lane & 15)) * kKS + kk * 16 + (lane >> 4) * 8));
     }
+    __syncthreads();  // sQ is K buffer 1 again from here on
 
-    // Online softmax on the fragments: this thread holds rows lane/4 and
-    // lane/4 + 8, columns t*8 + 2*(lane%4) + {0, 1}.
-    const int key0 = j * kBc + (lane & 3) * 2;
-    float mx[2] = {row_max[0], row_max[1]};
-#pragma unroll
-    for (int t = 0; t < kBc / 8; ++t) {
-      const int col = key0 + t * 8;
-      s[t][0] = col < len ? s[t][0] * scale_log2 : -INFINITY;
-      s[t][1] = col + 1 < len ? s[t][1] * scale_log2 : -INFINITY;
-      s[t][2] = col < len ? s[t][2] * scale_log2 : -INFINITY;
-      s[t][3] = col + 1 < len ? s[t][3] * scale_log2 : -INFINITY;
-      mx[0] = fmaxf(mx[0], fmaxf(s[t][0], s[t][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[t][2], s[t][3]));
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      // Every tile has a real key, so mx is finite; exp2(-inf) = 0 at j = 0.
-      alpha[r] = exp2f(row_max[r] - mx[r]);
-      row_max[r] = mx[r];
-    }
-    float part[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int t = 0; t < kBc / 8; ++t) {
-      s[t][0] = exp2f(s[t][0] - row_max[0]);
-      s[t][1] = exp2f(s[t][1] - row_max[0]);
-      s[t][2] = exp2f(s[t][2] - row_max[1]);
-      s[t][3] = exp2f(s[t][3] - row_max[1]);
-      part[0] += s[t][0] + s[t][1];
-      part[1] += s[t][2] + s[t][3];
-    }
-    row_sum[0] = row_sum[0] * alpha[0] + part[0];
-    row_sum[1] = row_sum[1] * alpha[1] + part[1];
-#pragma unroll
+    float o[kDv / 8][4];
+  #pragma unroll
     for (int t = 0; t < kDv / 8; ++t) {
-      o[t][0] *= alpha[0];
-      o[t][1] *= alpha[0];
-      o[t][2] *= alpha[1];
-      o[t][3] *= alpha[1];
+      o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
     }
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+    const int ntiles = (len + kBc - 1) / kBc;
 
-    // O += P V: P's A fragments are the S accumulators of n-tiles 2kb, 2kb+1.
-#pragma unroll
-    for (int kb = 0; kb < kBc / 16; ++kb) {
-      const uint32_t a[4] = {
-          as_u32(TT::from_float2(s[2 * kb][0], s[2 * kb][1])),
-          as_u32(TT::from_float2(s[2 * kb][2], s[2 * kb][3])),
-          as_u32(TT::from_float2(s[2 * kb + 1][0], s[2 * kb + 1][1])),
-          as_u32(TT::from_float2(s[2 * kb + 1][2], s[2 * kb + 1][3])),
-      };
-#pragma unroll
-      for (int dp = 0; dp < kDv / 16; ++dp) {
-        // Matrices (transposed): keys 0-7 x dims 0-7, keys 8-15 x dims 0-7,
-        // keys 0-7 x dims 8-15, keys 8-15 x dims 8-15.
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4_trans(b0, b1, b2, b3,
-                      smem_u32(V + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kVS + dp * 16 +
-                               (lane >> 4) * 8));
-        TT::mma(o[2 * dp], a, b0, b1);
-        TT::mma(o[2 * dp + 1], a, b2, b3);
+    for (int j = 0; j < ntiles; ++j) {
+      const int buf = j & 1;
+      if (j + 1 < ntiles) {
+        // Buffer buf^1 was last read in iteration j-1, before the barriers
+        // that ended it.
+        const int k0 = (j + 1) * kBc;
+        const int rows = min(kBc, len - k0);
+        load_tile<kBc, kD, kKS>(sK + (buf ^ 1) * kBc * kKS, kg + static_cast<int64_t>(k0) * p.k_sn,
+                                p.k_sn, rows);
+        load_tile<kBc, kDv, kVS>(sV + (buf ^ 1) * kBc * kVS, vg + static_cast<int64_t>(k0) * p.v_sn,
+                                 p.v_sn, rows);
+        cp_async_commit();
+      }
+      const T* K = sK + buf * kBc * kKS;
+      const T* V = sV + buf * kBc * kVS;
+
+      // S = Q K^T: 16 x 64 per warp, 8 n-tiles of 8 keys.
+      float s[kBc / 8][4];
+  #pragma unroll
+      for (int t = 0; t < kBc / 8; ++t) {
+        s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+      }
+  #pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+  #pragma unroll
+        for (int nb = 0; nb < kBc / 16; ++nb) {
+          // Matrices: keys 0-7 x dims 0-7, keys 0-7 x dims 8-15, keys 8-15 x
+          // dims 0-7, keys 8-15 x dims 8-15 -> (b0, b1) of n-tiles 2nb, 2nb+1.
+          uint32_t b0, b1, b2, b3;
+          ldsm_x4(b0, b1, b2, b3,
+                  smem_u32(K + (nb * 16 + (lane & 7) + ((lane >> 4) << 3)) * kKS + kk * 16 +
+                           ((lane >> 3) & 1) * 8));
+          TT::mma(s[2 * nb], qf[kk], b0, b1);
+          TT::mma(s[2 * nb + 1], qf[kk], b2, b3);
+        }
+      }
+
+      // Online softmax on the fragments: this thread holds rows lane/4 and
+      // lane/4 + 8, columns t*8 + 2*(lane%4) + {0, 1}.
+      const int key0 = j * kBc + (lane & 3) * 2;
+      float mx[2] = {row_max[0], row_max[1]};
+  #pragma unroll
+      for (int t = 0; t < kBc / 8; ++t) {
+        const int col = key0 + t * 8;
+        s[t][0] = col < len ? s[t][0] * scale_log2 : -INFINITY;
+        s[t][1] = col + 1 < len ? s[t][1] * scale_log2 : -INFINITY;
+        s[t][2] = col < len ? s[t][2] * scale_log2 : -INFINITY;
+        s[t][3] = col + 1 < len ? s[t][3] * scale_log2 : -INFINITY;
+        mx[0] = fmaxf(mx[0], fmaxf(s[t][0], s[t][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[t][2], s[t][3]));
+      }
+      float alpha[2];
+  #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        // Every tile has a real key, so mx is finite; exp2(-inf) = 0 at j = 0.
+        alpha[r] = exp2f(row_max[r] - mx[r]);
+        row_max[r] = mx[r];
+      }
+      float part[2] = {0.0f, 0.0f};
+  #pragma unroll
+      for (int t = 0; t < kBc / 8; ++t) {
+        s[t][0] = exp2f(s[t][0] - row_max[0]);
+        s[t][1] = exp2f(s[t][1] - row_max[0]);
+        s[t][2] = exp2f(s[t][2] - row_max[1]);
+        s[t][3] = exp2f(s[t][3] - row_max[1]);
+        part[0] += s[t][0] + s[t][1];
+        part[1] += s[t][2] + s[t][3];
+      }
+      row_sum[0] = row_sum[0] * alpha[0] + part[0];
+      row_sum[1] = row_sum[1] * alpha[1] + part[1];
+  #pragma unroll
+      for (int t = 0; t < kDv / 8; ++t) {
+        o[t][0] *= alpha[0];
+        o[t][1] *= alpha[0];
+        o[t][2] *= alpha[1];
+        o[t][3] *= alpha[1];
+      }
+
+      // O += P V: P's A fragments are the S accumulators of n-tiles 2kb, 2kb+1.
+  #pragma unroll
+      for (int kb = 0; kb < kBc / 16; ++kb) {
+        const uint32_t a[4] = {
+            as_u32(TT::from_float2(s[2 * kb][0], s[2 * kb][1])),
+            as_u32(TT::from_float2(s[2 * kb][2], s[2 * kb][3])),
+            as_u32(TT::from_float2(s[2 * kb + 1][0], s[2 * kb + 1][1])),
+            as_u32(TT::from_float2(s[2 * kb + 1][2], s[2 * kb + 1][3])),
+        };
+  #pragma unroll
+        for (int dp = 0; dp < kDv / 16; ++dp) {
+          // Matrices (transposed): keys 0-7 x dims 0-7, keys 8-15 x dims 0-7,
+          // keys 0-7 x dims 8-15, keys 8-15 x dims 8-15.
+          uint32_t b0, b1, b2, b3;
+          ldsm_x4_trans(b0, b1, b2, b3,
+                        smem_u32(V + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kVS + dp * 16 +
+                                 (lane >> 4) * 8));
+          TT::mma(o[2 * dp], a, b0, b1);
+          TT::mma(o[2 * dp + 1], a, b2, b3);
+        }
+      }
+
+      if (j + 1 < ntiles) {
+        cp_async_wait_all();
+        __syncthreads();  // tile j+1 landed; everyone is done with tile j
+        const int k0 = (j + 1) * kBc;
+        rope_tile<kBc>(sK + (buf ^ 1) * kBc * kKS, min(kBc, len - k0), pos + 2 * k0, sInv);
+        __syncthreads();
       }
     }
 
-    if (j + 1 < ntiles) {
-      cp_async_wait_all();
-      __syncthreads();  // tile j+1 landed; everyone is done with tile j
-      const int k0 = (j + 1) * kBc;
-      rope_tile<kBc>(sK + (buf ^ 1) * kBc * kKS, min(kBc, len - k0), pos + 2 * k0, sInv);
-      __syncthreads();
+    // Normalize and store: rows lane/4 and lane/4 + 8 of this warp's 16.
+  #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
     }
-  }
-
-  // Normalize and store: rows lane/4 and lane/4 + 8 of this warp's 16.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-  }
-  const float inv0 = 1.0f / row_sum[0];
-  const float inv1 = 1.0f / row_sum[1];
-  const int row0 = q0 + warp * 16 + (lane >> 2);
-  const int row1 = row0 + 8;
-  using T2 = typename TT::T2;
-  T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.o_sh;
-#pragma unroll
-  for (int t = 0; t < kDv / 8; ++t) {
-    const int col = t * 8 + (lane & 3) * 2;
-    if (row0 < len) {
-      *reinterpret_cast<T2*>(og + static_cast<int64_t>(start + row0) * p.o_sn + col) =
-          TT::from_float2(o[t][0] * inv0, o[t][1] * inv0);
+    const float inv0 = 1.0f / row_sum[0];
+    const float inv1 = 1.0f / row_sum[1];
+    const int row0 = q0 + warp * 16 + (lane >> 2);
+    const int row1 = row0 + 8;
+    using T2 = typename TT::T2;
+    T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.o_sh;
+  #pragma unroll
+    for (int t = 0; t < kDv / 8; ++t) {
+      const int col = t * 8 + (lane & 3) * 2;
+      if (row0 < len) {
+        *reinterpret_cast<T2*>(og + static_cast<int64_t>(start + row0) * p.o_sn + col) =
+            TT::from_float2(o[t][0] * inv0, o[t][1] * inv0);
+      }
+      if (row1 < len) {
+        *reinterpret_cast<T2*>(og + static_cast<int64_t>(start + row1) * p.o_sn + col) =
+            TT::from_float2(o[t][2] * inv1, o[t][3] * inv1);
+      }
     }
-    if (row1 < len) {
-      *reinterpret_cast<T2*>(og + static_cast<int64_t>(start + row1) * p.o_sn + col) =
-          TT::from_float2(o[t][2] * inv1, o[t][3] * inv1);
-    }
-  }
+  }  // query tiles
 #endif  // __CUDA_ARCH__ >= 800
 }
 
@@ -507,15 +561,13 @@ __global__ void __launch_bounds__(simt::kThreads) vip_attention_simt_kernel(cons
   Acc* sA = sL + kBQ;           // [kBQ]
 
   const int img = blockIdx.z, head = blockIdx.y;
+  fill_rows_outside_images<T, kThreads>(p, img, head);
   const int start = p.cu[img];
   const int len = p.cu[img + 1] - start;
-  const int q0 = blockIdx.x * kBQ;
-  if (q0 >= len) {
+  if (static_cast<int>(blockIdx.x) * kBQ >= len) {
     return;
   }
   const int tid = threadIdx.x;
-  const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(start + q0) * p.q_sn +
-                static_cast<int64_t>(head) * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(start) * p.k_sn +
                 static_cast<int64_t>(head) * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(start) * p.v_sn +
@@ -525,71 +577,77 @@ __global__ void __launch_bounds__(simt::kThreads) vip_attention_simt_kernel(cons
   for (int i = tid; i < D / 4; i += kThreads) {
     sInv[i] = Acc(1) / pow_(static_cast<Acc>(p.theta), static_cast<Acc>(2 * i) / static_cast<Acc>(D / 2));
   }
-  for (int i = tid; i < kBQ * Dv; i += kThreads) {
-    sO[i] = Acc(0);
-  }
-  if (tid < kBQ) {
-    sM[tid] = -INFINITY;
-    sL[tid] = Acc(0);
-  }
-  __syncthreads();
-  load_rotated<T, Acc>(sQ, DS, qg, p.q_sn, min(kBQ, len - q0), kBQ, pos + 2 * q0, sInv, D);
-
-  const Acc scale = static_cast<Acc>(p.scale);
-  for (int k0 = 0; k0 < len; k0 += kBK) {
-    __syncthreads();  // the previous step is done with sK, sV, sP
-    const int rows = min(kBK, len - k0);
-    load_rotated<T, Acc>(sK, DS, kg + static_cast<int64_t>(k0) * p.k_sn, p.k_sn, rows, kBK,
-                         pos + 2 * k0, sInv, D);
-    for (int idx = tid; idx < kBK * Dv; idx += kThreads) {
-      const int r = idx / Dv, e = idx - r * Dv;
-      sV[idx] = r < rows ? static_cast<Acc>(vg[static_cast<int64_t>(k0 + r) * p.v_sn + e]) : Acc(0);
-    }
+  for (int q0 = blockIdx.x * kBQ; q0 < len; q0 += gridDim.x * kBQ) {
+    // The previous query tile's output loop is done with sO, sL before they are reset.
     __syncthreads();
-    for (int idx = tid; idx < kBQ * kBK; idx += kThreads) {
-      const int qi = idx / kBK, kj = idx - qi * kBK;
-      Acc acc = 0;
-      for (int e = 0; e < D; ++e) {
-        acc += sQ[qi * DS + e] * sK[kj * DS + e];
-      }
-      sP[idx] = kj < rows ? acc * scale : -INFINITY;
+    const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(start + q0) * p.q_sn +
+                  static_cast<int64_t>(head) * p.q_sh;
+    for (int i = tid; i < kBQ * Dv; i += kThreads) {
+      sO[i] = Acc(0);
     }
-    __syncthreads();
     if (tid < kBQ) {
-      Acc* prow = sP + tid * kBK;
-      Acc mx = sM[tid];
-      for (int kj = 0; kj < kBK; ++kj) {
-        mx = prow[kj] > mx ? prow[kj] : mx;
-      }
-      const Acc alpha = exp_(sM[tid] - mx);  // 0 on the first step (sM = -inf)
-      Acc sum = 0;
-      for (int kj = 0; kj < kBK; ++kj) {
-        const Acc w = exp_(prow[kj] - mx);
-        prow[kj] = w;
-        sum += w;
-      }
-      sL[tid] = sL[tid] * alpha + sum;
-      sM[tid] = mx;
-      sA[tid] = alpha;
+      sM[tid] = -INFINITY;
+      sL[tid] = Acc(0);
     }
     __syncthreads();
+    load_rotated<T, Acc>(sQ, DS, qg, p.q_sn, min(kBQ, len - q0), kBQ, pos + 2 * q0, sInv, D);
+
+    const Acc scale = static_cast<Acc>(p.scale);
+    for (int k0 = 0; k0 < len; k0 += kBK) {
+      __syncthreads();  // the previous step is done with sK, sV, sP
+      const int rows = min(kBK, len - k0);
+      load_rotated<T, Acc>(sK, DS, kg + static_cast<int64_t>(k0) * p.k_sn, p.k_sn, rows, kBK,
+                           pos + 2 * k0, sInv, D);
+      for (int idx = tid; idx < kBK * Dv; idx += kThreads) {
+        const int r = idx / Dv, e = idx - r * Dv;
+        sV[idx] = r < rows ? static_cast<Acc>(vg[static_cast<int64_t>(k0 + r) * p.v_sn + e]) : Acc(0);
+      }
+      __syncthreads();
+      for (int idx = tid; idx < kBQ * kBK; idx += kThreads) {
+        const int qi = idx / kBK, kj = idx - qi * kBK;
+        Acc acc = 0;
+        for (int e = 0; e < D; ++e) {
+          acc += sQ[qi * DS + e] * sK[kj * DS + e];
+        }
+        sP[idx] = kj < rows ? acc * scale : -INFINITY;
+      }
+      __syncthreads();
+      if (tid < kBQ) {
+        Acc* prow = sP + tid * kBK;
+        Acc mx = sM[tid];
+        for (int kj = 0; kj < kBK; ++kj) {
+          mx = prow[kj] > mx ? prow[kj] : mx;
+        }
+        const Acc alpha = exp_(sM[tid] - mx);  // 0 on the first step (sM = -inf)
+        Acc sum = 0;
+        for (int kj = 0; kj < kBK; ++kj) {
+          const Acc w = exp_(prow[kj] - mx);
+          prow[kj] = w;
+          sum += w;
+        }
+        sL[tid] = sL[tid] * alpha + sum;
+        sM[tid] = mx;
+        sA[tid] = alpha;
+      }
+      __syncthreads();
+      for (int idx = tid; idx < kBQ * Dv; idx += kThreads) {
+        const int qi = idx / Dv, e = idx - qi * Dv;
+        Acc acc = sO[idx] * sA[qi];
+        for (int kj = 0; kj < kBK; ++kj) {
+          acc += sP[qi * kBK + kj] * sV[kj * Dv + e];
+        }
+        sO[idx] = acc;
+      }
+    }
+    __syncthreads();
+    T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.o_sh;
     for (int idx = tid; idx < kBQ * Dv; idx += kThreads) {
       const int qi = idx / Dv, e = idx - qi * Dv;
-      Acc acc = sO[idx] * sA[qi];
-      for (int kj = 0; kj < kBK; ++kj) {
-        acc += sP[qi * kBK + kj] * sV[kj * Dv + e];
+      if (q0 + qi < len) {
+        og[static_cast<int64_t>(start + q0 + qi) * p.o_sn + e] = static_cast<T>(sO[idx] / sL[qi]);
       }
-      sO[idx] = acc;
     }
-  }
-  __syncthreads();
-  T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.o_sh;
-  for (int idx = tid; idx < kBQ * Dv; idx += kThreads) {
-    const int qi = idx / Dv, e = idx - qi * Dv;
-    if (q0 + qi < len) {
-      og[static_cast<int64_t>(start + q0 + qi) * p.o_sn + e] = static_cast<T>(sO[idx] / sL[qi]);
-    }
-  }
+  }  // query tiles
 }
 
 bool aligned16(const at::Tensor& t) {
@@ -614,8 +672,12 @@ at::Tensor vip_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   const VipShape s = check_vip_attention(q_in, k_in, v_in, positions, cu_seqlens, max_seqlen);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty({s.tokens, s.heads, s.vdim}, v_in.options());
-  if (s.tokens == 0 || s.heads == 0 || s.images == 0 || max_seqlen == 0) {
+  if (s.tokens == 0 || s.heads == 0) {
     return out;
+  }
+  if (s.images == 0) {
+    // No image owns any row (the CPU kernel rejects this; see fill_rows_outside_images).
+    return out.fill_(std::numeric_limits<double>::quiet_NaN());
   }
   TORCH_CHECK(s.images <= 65535 && s.heads <= 65535,
               "token_prune::vip_attention: at most 65535 images and heads per call on CUDA");
@@ -640,6 +702,8 @@ at::Tensor vip_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   p.o_sh = out.stride(1);
   p.pos = pos.const_data_ptr<int32_t>();
   p.cu = cu.const_data_ptr<int32_t>();
+  p.tokens = s.tokens;
+  p.images = s.images;
   p.scale = static_cast<float>(scale);
   p.theta = static_cast<float>(theta);
   p.dim = static_cast<int>(s.dim);
@@ -649,9 +713,11 @@ at::Tensor vip_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   const auto dtype = q.scalar_type();
   const bool half_type = dtype == at::kHalf || dtype == at::kBFloat16;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  // No image is longer than the token count: clamping keeps an oversized
-  // max_seqlen from wrapping the unsigned grid size (silently skipped rows).
-  const int64_t rows = std::min<int64_t>(max_seqlen, s.tokens);
+  // The grid covers max_seqlen query rows per image; the kernels stride over
+  // the rest of a longer image. No image is longer than the token count, so
+  // clamping to it keeps an oversized max_seqlen from wrapping the unsigned
+  // grid size, and at least one row of blocks always runs (max_seqlen = 0).
+  const int64_t rows = std::clamp<int64_t>(max_seqlen, 1, s.tokens);
   if (half_type && prop->major >= 8 && s.dim == tc::kD && s.vdim == tc::kDv && aligned16(q) &&
       aligned16(k) && aligned16(v)) {
     const dim3 grid(static_cast<unsigned>((rows + tc::kBr - 1) / tc::kBr),

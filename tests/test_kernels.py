@@ -218,6 +218,48 @@ def test_glimpse_attention_map_cuda_realistic():
         assert_within_twice_reference(got, same, exact.float(), what="glimpse realistic")
 
 
+GLIMPSE_OUTSIDE_CASES = [
+    # batch, heads, kv_heads, dim, dtype, layout, N_v, cu_seqlens (not running from 0 to N_v)
+    (2, 28, 4, 128, BF16, "contiguous", 20, [3, 9, 15]),  # 16-byte path
+    (1, 6, 3, 32, F16, "strided_dim", 10, [2, 7]),  # element path, one sample: both ranges
+    (2, 4, 2, 8, F64, "contiguous", 7, [0, 2, 5]),  # float64: the ATen path, a tail only
+    (0, 4, 2, 8, F32, "contiguous", 3, [0]),  # no sample at all
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("log_softmax", [False, True], ids=["logits", "log_softmax"])
+@pytest.mark.parametrize("case", range(len(GLIMPSE_OUTSIDE_CASES)))
+def test_glimpse_attention_map_rows_outside_every_sample(case, log_softmax, device):
+    batch, heads, kv_heads, dim, dtype, layout, n_vis, offsets = GLIMPSE_OUTSIDE_CASES[case]
+    seq = 30
+    q, cos, sin, keys, _, _, mask = glimpse_inputs(max(batch, 1), heads, kv_heads, seq, dim, [1] * max(batch, 1),
+                                                   dtype, layout=layout, seed=case, device=device)
+    q, cos, sin, keys, mask = (t[:batch] for t in (q, cos, sin, keys, mask))
+    positions = torch.randint(0, seq, (n_vis,), generator=torch.Generator().manual_seed(case)).to(device)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    args = (q, cos, sin, keys, cu, positions, mask)
+    if device == "cpu":  # the values are at hand: a broken precondition raises
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+            _ops.glimpse_attention_map(*args, log_softmax=log_softmax)
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+            glimpse_attention_map_ref(*args, log_softmax=log_softmax)
+        return
+    poison(device)
+    got = _ops.glimpse_attention_map(*args, log_softmax=log_softmax).cpu()
+    assert got.shape == (n_vis, heads)
+    outside = _rows_outside(n_vis, offsets)
+    assert got[outside].isnan().all()
+    lo, hi = offsets[0], offsets[-1]
+    if hi > lo:
+        sub = (q, cos, sin, keys, (cu - lo), positions[lo:hi], mask)
+        scale = 1.0 / math.sqrt(dim)
+        same = glimpse_attention_map_ref(*sub, scale, log_softmax)
+        exact = glimpse_attention_map_ref(*(t.double() for t in sub[:4]), *sub[4:], scale, log_softmax)
+        floor = 1e-12 if dtype == F64 else 1e-6
+        assert_within_twice_reference(got[lo:hi], same, exact.to(same.dtype), floor=floor, what="glimpse inside rows")
+
+
 @pytest.mark.parametrize(
     "override, match",
     [
@@ -290,9 +332,9 @@ def vip_id(case):
     return f"{sizes}-H{h}-D{d}-Dv{dv}-{str(dtype)[6:]}"
 
 
-def check_vip(q, k, v, pos, cu, sizes, device, **kw):
+def check_vip(q, k, v, pos, cu, sizes, device, max_seqlen=None, **kw):
     poison(device)
-    got = _ops.vip_attention(q, k, v, pos, cu, max(sizes), **kw)
+    got = _ops.vip_attention(q, k, v, pos, cu, max(sizes) if max_seqlen is None else max_seqlen, **kw)
     assert got.dtype == q.dtype and got.shape == (q.shape[0], q.shape[1], v.shape[2])
     scale = kw.get("scale")
     theta = kw.get("theta", 10000.0)
@@ -321,6 +363,58 @@ def test_vip_attention_options_and_layouts(device):
     q, k, v, pos, cu = vip_inputs(sizes, 4, 192, 64, BF16, seed=1, device=device, layout="head_major",
                                   pos_dtype=torch.int32)
     check_vip(q, k, v, pos, cu, sizes, device, scale=0.05, theta=100.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "f32"])  # CUDA: tensor-core / SIMT kernel
+@pytest.mark.parametrize("max_seqlen", [0, 1, 64, 65, 10_000])
+def test_vip_attention_any_max_seqlen_covers_every_row(max_seqlen, dtype, device):
+    # Images longer than max_seqlen: the CUDA kernels stride over the query tiles the grid
+    # does not cover, so every row is written (the allocator is poisoned: a lost row is NaN).
+    sizes = [130, 1, 67, 200]
+    q, k, v, pos, cu = vip_inputs(sizes, 4, 192, 64, dtype, seed=max_seqlen, device=device)
+    check_vip(q, k, v, pos, cu, sizes, device, max_seqlen=max_seqlen)
+
+
+def _rows_outside(n, cu):
+    inside = torch.zeros(n, dtype=torch.bool)
+    inside[cu[0]:cu[-1]] = True
+    return ~inside
+
+
+VIP_OUTSIDE_CASES = [
+    # tokens, cu_seqlens (not running from 0 to N)
+    (60, [5, 25, 25, 48]),
+    (12, [3, 10]),  # one image: both ranges
+    (9, [0, 4]),  # a tail only
+    (4, [0]),  # no image at all
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("case", range(len(VIP_OUTSIDE_CASES)))
+def test_vip_attention_rows_outside_every_image(case, dtype, device):
+    n, offsets = VIP_OUTSIDE_CASES[case]
+    q, k, v, pos, _ = vip_inputs([n], 4, 192, 64, dtype, seed=case, device=device)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    if device == "cpu":  # the values are at hand: a broken precondition raises
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+            _ops.vip_attention(q, k, v, pos, cu, n)
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+            vip_attention_ref(q, k, v, pos, cu, n)
+        return
+    poison(device)
+    got = _ops.vip_attention(q, k, v, pos, cu, n).cpu()
+    outside = _rows_outside(n, offsets)
+    assert got[outside].isnan().all()
+    lo, hi = offsets[0], offsets[-1]
+    if hi > lo:
+        sub = [t[lo:hi] for t in (q, k, v, pos)]
+        sub_cu = (cu - lo).cpu()
+        same = vip_attention_ref(*sub, sub_cu, n)
+        exact = vip_attention_ref(*(t.double() for t in sub[:3]), sub[3], sub_cu, n)
+        assert_within_twice_reference(got[lo:hi].float(), same.float(), exact.float(), what="vip inside rows")
 
 
 @settings(max_examples=25, deadline=None)
@@ -405,6 +499,9 @@ def keep_scores(sizes, mode, dtype, seed):
         s = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
     elif mode == "saturated":  # sigmoid rounds to exactly 0 or 1 in float32
         s = torch.randint(0, 2, (n,), generator=g).float() * 80 - 40 + torch.randn(n, generator=g)
+    elif mode == "nan":  # a fifth NaN: ranked first by the sort, never above the threshold
+        s = torch.randn(n, generator=g) * 2
+        s[torch.rand(n, generator=g) < 0.2] = float("nan")
     else:
         raise ValueError(mode)
     return s.to(dtype)
@@ -414,7 +511,7 @@ KEEP_SIZES = [[10], [1, 0, 7, 1], [64, 63, 129], [576, 576], [2304, 17, 1000]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["normal", "ties", "saturated"])
+@pytest.mark.parametrize("mode", ["normal", "ties", "saturated", "nan"])
 @pytest.mark.parametrize("sizes", KEEP_SIZES, ids=lambda s: "-".join(map(str, s)))
 def test_keep_mask_matches_the_rule_exactly(sizes, mode, device):
     for dtype in (F32, BF16, F64):
@@ -457,7 +554,7 @@ def test_keep_mask_tokens_outside_images_are_false(device):
     min_keep=st.integers(0, 5),
     keep_ratio=st.one_of(st.none(), st.floats(0, 1)),
     logits=st.booleans(),
-    mode=st.sampled_from(["normal", "ties", "saturated"]),
+    mode=st.sampled_from(["normal", "ties", "saturated", "nan"]),
     seed=st.integers(0, 2**16),
 )
 def test_keep_mask_hypothesis(sizes, threshold, max_keep_ratio, min_keep, keep_ratio, logits, mode, seed):
@@ -468,6 +565,66 @@ def test_keep_mask_hypothesis(sizes, threshold, max_keep_ratio, min_keep, keep_r
                 scores_are_logits=logits)
     got = _ops.keep_mask(scores, sizes_to_cu(sizes, "cpu"), **opts)
     assert torch.equal(got, keep_mask_from_scores(scores, sizes, **opts))
+
+
+KEEP_NAN_CASES = [
+    # p (already probabilities), options, kept: worked out by hand from the rule
+    # floor decides: exactly the top 2 of the order nan, nan, 0.9; 0.9 is above the threshold but left out
+    ([math.nan, math.nan, 0.9], dict(min_keep=2), [True, True, False]),
+    # the cap decides (3 above 0.5 > cap 2): the top 2 are nan and 0.9
+    ([0.9, math.nan, 0.8, 0.7], dict(max_keep_ratio=0.5), [True, True, False, False]),
+    # neither decides (1 above, floor 1): the threshold alone, NaN is not above it
+    ([math.nan, 0.9, 0.2], dict(min_keep=1), [False, True, False]),
+    # floor 3 of 4 with one above: the top 3 are nan, nan, 0.9
+    ([0.1, math.nan, 0.9, math.nan], dict(min_keep=3), [False, True, True, True]),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(KEEP_NAN_CASES)))
+def test_keep_mask_nan_scores_keep_exactly_the_top_k(case, device):
+    probs, opts, want = KEEP_NAN_CASES[case]
+    opts = dict(threshold=0.5, scores_are_logits=False, **opts)
+    scores = torch.tensor(probs).to(device)
+    cu = sizes_to_cu([len(probs)], device)
+    want = torch.tensor(want)
+    assert torch.equal(keep_mask_ref(scores, cu, **opts).cpu(), want)
+    assert torch.equal(_ops.keep_mask(scores, cu, **opts).cpu(), want)
+    with _ops.use_kernels(False):
+        assert torch.equal(keep_mask_from_scores(scores, [len(probs)], **opts).cpu(), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 30), min_size=1, max_size=4),
+    threshold=st.floats(0, 1),
+    max_keep_ratio=st.one_of(st.none(), st.floats(0, 1)),
+    min_keep=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_keep_mask_count_does_not_depend_on_nan(sizes, threshold, max_keep_ratio, min_keep, seed):
+    # Independent of the sort: each image keeps max(floor, min(above, cap)) tokens, every
+    # token above the threshold when neither bound decides, and only top-ranked ones otherwise.
+    scores = keep_scores(sizes, "nan", F32, seed)
+    opts = dict(threshold=threshold, max_keep_ratio=max_keep_ratio, min_keep=min_keep)
+    got = _ops.keep_mask(scores, sizes_to_cu(sizes, "cpu"), **opts)
+    assert torch.equal(got, keep_mask_ref(scores, sizes_to_cu(sizes, "cpu"), **opts))
+    probs = torch.sigmoid(scores)
+    start = 0
+    for n in sizes:
+        p, kept = probs[start:start + n], got[start:start + n]
+        start += n
+        above = p > threshold
+        cap = n if max_keep_ratio is None else int(max_keep_ratio * n)
+        count = int(above.sum())
+        want = max(min(n, min_keep), min(count, cap))
+        assert int(kept.sum()) == want
+        if min(n, min_keep) <= count <= cap:
+            assert torch.equal(kept, above)
+        else:  # a kept token outranks every dropped one (NaN highest)
+            rank = torch.where(p.isnan(), torch.full_like(p, 2.0), p)
+            if kept.any() and (~kept).any():
+                assert rank[kept].min() >= rank[~kept].max()
 
 
 @pytest.mark.gpu

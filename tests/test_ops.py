@@ -540,17 +540,31 @@ def test_cuda_large_and_on_a_side_stream():
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_cuda_64bit_indexing():
-    # > 2**31 one-byte vectors in one output: the kernel's 64-bit index path.
-    seq, dim = 1 << 16, 40_001  # odd row: 1-byte vectors
-    keep = torch.ones(1, seq, dtype=torch.bool, device="cuda")
-    keep[0, ::16] = False
-    hidden = torch.randint(0, 255, (1, seq, dim), dtype=torch.uint8, device="cuda")
-    positions = torch.arange(seq, device="cuda").view(1, 1, seq)
-    mask = torch.ones(1, seq, dtype=torch.bool, device="cuda")
-    out_len = int(keep.sum()) + 5
-    assert out_len * dim > 2**31
-    got, _, got_pos, _ = compact_tokens(keep, hidden, [], positions, mask, out_len=out_len)
-    src = keep[0].nonzero().flatten()
-    assert torch.equal(got[0, 5:], hidden[0, src])
-    assert not got[0, :5].any()
-    assert torch.equal(got_pos[0, 0, 5:], src)
+    # The launcher picks the 32-bit index instantiation of the kernel whenever one block's
+    # vectors of one tensor (heads x row vectors x slots) fit in int32. Here one slot of one
+    # cache alone holds 2 x (2**30 + 1) one-byte vectors (an odd row: 1-byte vectors), more than
+    # 2**31, so only the 64-bit instantiation is correct: the 32-bit one would wrap and write
+    # the row's second half over its first. The profiler confirms which one ran.
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    heads, row = 2, (1 << 30) + 1
+    assert heads * row > 2**31
+    cache = torch.randint(0, 256, (1, heads, 2, row), dtype=torch.uint8, device="cuda")
+    keep = torch.tensor([[False, True]], device="cuda")
+    hidden = torch.tensor([5, 9], dtype=torch.uint8, device="cuda").view(1, 2, 1)
+    positions = torch.arange(2, device="cuda").view(1, 1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool, device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got_hidden, (got,), got_pos, got_mask = compact_tokens(keep, hidden, [cache], positions, mask, out_len=2)
+        torch.cuda.synchronize()
+    launched = [e.name for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and "compact_kernel" in e.name]
+    assert launched, "no compact_kernel launch was recorded"
+    assert all(re.search(r"compact_kernel<\d+, unsigned long>", n) for n in launched), launched
+    assert got.shape == (1, heads, 2, row)
+    assert not got[:, :, 0].any()  # the padding slot
+    assert torch.equal(got[:, :, 1], cache[:, :, 1])
+    assert got_hidden.flatten().tolist() == [0, 9]
+    assert got_pos.flatten().tolist() == [0, 1] and got_mask.flatten().tolist() == [False, True]

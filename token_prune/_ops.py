@@ -379,8 +379,12 @@ def glimpse_attention_map(
         keys: ``[B, Hkv, S, d]`` layer K's rotated keys (the KV cache), q's dtype, any
             strides; query head ``h`` reads key head ``h // (Hq // Hkv)``.
         cu_seqlens: int32 ``[B + 1]``; sample ``b``'s visual tokens are
-            ``positions[cu[b]:cu[b+1]]``; ``cu[B]`` must equal ``N_v``.
-        positions: int32/int64 ``[N_v]``, each visual token's index into ``S``.
+            ``positions[cu[b]:cu[b+1]]``. Must run from 0 to ``N_v`` without
+            decreasing: the CPU kernel raises otherwise; the CUDA kernel does not
+            check (that would need a host sync) and writes NaN rows for visual
+            tokens outside every sample (entries out of ``[0, N_v]`` are undefined).
+        positions: int32/int64 ``[N_v]``, each visual token's index into ``S``
+            (in ``[0, S)``; not checked on CUDA).
         key_mask: ``[B, S]`` nonzero for real keys; only read with ``log_softmax``
             (None: all keys are real).
         scale: defaults to ``1/sqrt(d)``.
@@ -413,10 +417,15 @@ def vip_attention(
         q, k: ``[N, H, D]`` before rotary (``D`` divisible by 4; the VIP's is 192).
         v: ``[N, H, Dv]`` (the VIP's ``Dv`` is 64); one dtype for q, k, v.
         positions: int ``[N, 2]``, each token's (row, col) on its image's grid.
-        cu_seqlens: int32 ``[n_images + 1]``, from 0 to ``N``; image ``i`` owns tokens
-            ``cu[i]:cu[i+1]`` and attends within them, bidirectionally.
-        max_seqlen: the longest image (a host int; sizes the CUDA grid, so it must not
-            be smaller than the longest image).
+        cu_seqlens: int32 ``[n_images + 1]``; image ``i`` owns tokens ``cu[i]:cu[i+1]``
+            and attends within them, bidirectionally. Must run from 0 to ``N`` without
+            decreasing: the CPU kernel raises otherwise; the CUDA kernel does not check
+            (a host sync) and writes NaN rows for tokens outside every image (entries
+            out of ``[0, N]`` are undefined).
+        max_seqlen: the longest image, a host int that sizes the CUDA grid (query rows
+            per image covered by one wave of blocks). Any value is correct: the kernels
+            loop over the rest of a longer image, so a smaller one only costs time, a
+            larger one only idle blocks. Ignored on the CPU.
         scale: defaults to ``1/sqrt(D)``; theta: the RoPE base.
 
     Returns:
@@ -442,9 +451,16 @@ def keep_mask(
 ) -> torch.Tensor:
     """GlimpsePrune's keep rule for every image at once, decided on the device.
 
-    Exactly :func:`token_prune.runtime.keep_mask_from_scores` (same options, same ties:
-    the earlier token wins), with the images given as int32 ``cu_seqlens`` over the
-    ``[N]`` scores instead of a host list. On CUDA nothing is copied to the host.
+    Exactly :func:`token_prune.reference.keep_mask_ref`, which
+    :func:`token_prune.runtime.keep_mask_from_scores` runs on the CPU (same options,
+    same ties: the earlier token wins; NaN ranks first, as in ``torch.sort``), with the
+    images given as int32 ``cu_seqlens`` over the ``[N]`` scores instead of a host list.
+    Whenever the cap or the floor decides, an image keeps exactly the top ``k``, never
+    the threshold's survivors plus extras, so its count is always
+    ``max(min(n, min_keep), min(above, cap))``. On CUDA nothing is copied to the host.
+
+    ``cu_seqlens`` must be non-decreasing with entries in ``[0, N]`` (the CPU kernel
+    raises otherwise; not checked on CUDA); it need not start at 0 or end at ``N``.
 
     Returns:
         bool ``[N]``; tokens outside every image are False.
@@ -471,7 +487,8 @@ def scatter_rows(
     Args:
         full: ``[B, S, H]``.
         packed: ``[B, S', H]``, full's dtype; residual: the same shape or None.
-        index: int32/int64 ``[B, S']``, target rows (-1: skip), unique per sample, < S.
+        index: int32/int64 ``[B, S']``, target rows (-1: skip), unique per sample, < S (the CPU
+            kernel raises on a row out of range; CUDA does not check: that would need a sync).
         inplace: write into ``full`` (only the packed rows move) instead of a copy.
 
     Returns:

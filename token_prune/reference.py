@@ -28,6 +28,15 @@ def _fail(message: str) -> None:
     raise RuntimeError(f"compact_tokens_ref: {message}")
 
 
+def _covering_offsets(op: str, cu_seqlens: torch.Tensor, total: int) -> list[int]:
+    """``cu_seqlens`` as ints, checked to run from 0 to ``total`` without decreasing."""
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if not cu or cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+        raise RuntimeError(f"{op}: cu_seqlens must run from 0 to the token count {total} without decreasing, "
+                           f"got {cu}")
+    return cu
+
+
 def compact_tokens_ref(
     keep: torch.Tensor,
     hidden: torch.Tensor,
@@ -129,7 +138,8 @@ def glimpse_attention_map_ref(
       float32 (float64 for float64 inputs), not rounded.
     * ``keys``: ``[B, Hkv, S, d]``, rotated keys (a layer's KV cache).
     * ``cu_seqlens``: int ``[B + 1]``; sample ``b``'s visual tokens are
-      entries ``cu[b]:cu[b+1]`` of ``positions``.
+      entries ``cu[b]:cu[b+1]`` of ``positions``; must run from 0 to
+      ``N_v`` without decreasing (raises otherwise).
     * ``positions``: int ``[N_v]``, each visual token's index into ``S``.
     * ``key_mask``: ``[B, S]`` (nonzero = real key) or None (all real); only
       read in log-softmax mode.
@@ -159,9 +169,10 @@ def glimpse_attention_map_ref(
         logits = logits.masked_fill(~real[:, None, :], float("-inf")).log_softmax(-1)
         # A sample with no real key at all gives NaN rows; its (padding) keys are -inf.
         logits = logits.masked_fill(~real[:, None, :], float("-inf"))
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    if len(cu) != batch + 1:
-        raise RuntimeError(f"glimpse_attention_map_ref: cu_seqlens must have B + 1 = {batch + 1} entries, got {len(cu)}")
+    if cu_seqlens.numel() != batch + 1:
+        raise RuntimeError(f"glimpse_attention_map_ref: cu_seqlens must have B + 1 = {batch + 1} entries, "
+                           f"got {cu_seqlens.numel()}")
+    cu = _covering_offsets("glimpse_attention_map_ref", cu_seqlens, positions.shape[0])
     out = logits.new_empty((positions.shape[0], heads))
     for b in range(batch):
         pos = positions[cu[b]:cu[b + 1]].long()
@@ -206,7 +217,8 @@ def vip_attention_ref(
       ``v``: ``[N, H, Dv]``; one dtype.
     * ``positions``: int ``[N, 2]``, each token's (row, col) on its image.
     * ``cu_seqlens``: int ``[n_images + 1]``; image ``i`` owns tokens
-      ``cu[i]:cu[i+1]`` and attends only within them, bidirectionally.
+      ``cu[i]:cu[i+1]`` and attends only within them, bidirectionally; must
+      run from 0 to ``N`` without decreasing (raises otherwise).
     * ``max_seqlen``: unused here (the kernels size their grid with it).
     * ``scale``: defaults to ``1/sqrt(D)``.
 
@@ -230,7 +242,7 @@ def vip_attention_ref(
 
     qr, kr = rope(q), rope(k)
     out = v.new_empty((n, heads, v.shape[2]))
-    cu = [int(x) for x in cu_seqlens.tolist()]
+    cu = _covering_offsets("vip_attention_ref", cu_seqlens, n)
     for i in range(len(cu) - 1):
         sl = slice(cu[i], cu[i + 1])
         if cu[i + 1] == cu[i]:
@@ -259,12 +271,20 @@ def keep_mask_ref(
     rule, image by image (image ``i`` = entries ``cu[i]:cu[i+1]``).
 
     ``p = sigmoid(scores.float())`` (or ``scores.float()``). Threshold mode:
-    keep ``p > threshold``; if ``max_keep_ratio`` is set and more than
-    ``cap = int(max_keep_ratio * n)`` pass, keep the top ``cap``; if fewer
-    than ``min(n, min_keep)`` are kept, keep that many top-scored. Ratio mode
-    (``keep_ratio`` set): exactly the top ``min(n, ceil(keep_ratio*n - 1e-9))``.
-    "Top" is a stable descending sort: ties go to the earlier token, NaN
-    ranks above everything. Returns bool ``[N]``.
+    with ``count`` tokens at ``p > threshold``, ``cap = int(max_keep_ratio * n)``
+    and ``floor = min(n, min_keep)``:
+
+    * ``count > cap`` (cap set): exactly the top ``max(cap, floor)``;
+    * else ``count < floor``: exactly the top ``floor``;
+    * else the ``count`` tokens above the threshold.
+
+    So an image always keeps ``max(floor, min(count, cap))`` tokens. Ratio
+    mode (``keep_ratio`` set): exactly the top ``min(n, ceil(keep_ratio*n -
+    1e-9))``. "Top" is a stable descending sort: ties go to the earlier token,
+    NaN ranks above everything (as in ``torch.sort``) but is never above the
+    threshold, so with NaN scores the top ``floor`` may leave out a token
+    above the threshold: ``p = [nan, nan, 0.9]``, threshold 0.5,
+    ``min_keep=2`` keeps the two NaN. Returns bool ``[N]``.
     """
     probs = torch.sigmoid(scores.float()) if scores_are_logits else scores.float()
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
@@ -282,15 +302,17 @@ def keep_mask_ref(
         else:
             sel = p > threshold
             count = int(sel.sum())
-            if max_keep_ratio is not None:
-                cap = int(max_keep_ratio * n)
-                if count > cap:
-                    sel = torch.zeros_like(sel)
-                    sel[order[:cap]] = True
-                    count = cap
             floor = min(n, min_keep)
-            if count < floor:
-                sel[order[:floor]] = True
+            k = None
+            if max_keep_ratio is not None and count > int(max_keep_ratio * n):
+                k = max(int(max_keep_ratio * n), floor)
+            elif count < floor:
+                k = floor
+            if k is not None:
+                # Exactly the top k, not the survivors plus the top k: the count must not depend
+                # on where NaN scores sit.
+                sel = torch.zeros_like(sel)
+                sel[order[:k]] = True
         keep[start:start + n] = sel
     return keep
 

@@ -29,7 +29,7 @@ def _fmt_opts(opts: dict) -> str:
 
 
 def _vip_trainer():
-    """``token_prune.train_vip`` when that module exists (issue 5), else None."""
+    """``token_prune.train_vip``, or None when it cannot be imported (a broken install: the report says so)."""
     try:
         from ..train import train_vip
     except Exception:  # noqa: BLE001 - not written yet, or broken: the rows say so
@@ -58,7 +58,7 @@ def _prepare_vip(model, proc, preset: Preset, seed: int, ckpt: str, layer: int, 
     one is cached in ``ckpt/vip_K<layer>``."""
     train_vip = _vip_trainer()
     if train_vip is None:
-        return None, "token_prune.train_vip (issue 5) is not available in this checkout: GlimpsePrune not evaluated"
+        return None, "token_prune.train_vip could not be imported: GlimpsePrune not evaluated"
     e = preset.eval
     vdir = os.path.join(ckpt, f"vip_K{layer}")
     want = dict(layer=layer, rows=e.vip_rows, steps=e.vip_steps, batch_size=e.vip_batch_size, lr=e.vip_lr,
