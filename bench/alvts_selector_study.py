@@ -276,7 +276,13 @@ def build_forms(adapter, li, ranks):
             forms[("group_rope", r)] = (rope_factors(grouped, r // g), rep)
         if r % (2 * h) == 0:
             forms[("head_rope", r)] = (rope_factors(per_head, r // h), 1)
-    forms[("head_rope", h * d)] = (rope_factors(per_head, d), 1)  # full rank: the oracle itself
+    # Full rank: per head it is the oracle itself (the exactness check); shared and per group it
+    # isolates the error of one softmax over a sum of heads from the error of the truncation.
+    forms[("head_rope", h * d)] = (rope_factors(per_head, d), 1)
+    forms[("shared_rope", h * d)] = (rope_factors(shared, h * d), h)
+    forms[("shared_norope", h * d)] = (norope_factors(svd, min(h * d, svd[1].shape[0])), h)
+    if g > 1:
+        forms[("group_rope", h * d)] = (rope_factors(grouped, rep * d), rep)
     return forms
 
 
@@ -381,7 +387,8 @@ def study_model(name, model, samples, layers, ranks, calib_ranks, steps, lr, log
             fns[(form, r, "calibrated")] = (lambda i, fit=fit, per_map=per_map:
                                             score_of(*rank_qk(fit, *data[i][:3]), *data[i][3:5],
                                                      1 / (math.sqrt(d) * per_map)))
-        scores = evaluate(fns, data, test or val)
+        with torch.no_grad():
+            scores = evaluate(fns, data, test or val)
         rows = []
         for (form, r, stage), m in sorted(scores.items()):
             rows.append({"form": form, "rank": r, "stage": stage, **m,
