@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from token_prune import _ops, costmodel, hf  # noqa: E402
+from token_prune import _ops, costmodel  # noqa: E402
 from token_prune.models import adapter_for  # noqa: E402
 from token_prune.reference import causal_attention_received_ref  # noqa: E402
 
@@ -64,8 +64,8 @@ def random_qwen(hidden, heads, kv_heads, layers, logit_gain, seed=0):
     0.02 leaves a narrow model's logits near 0), q/k scaled by ``logit_gain``."""
     from token_prune import tiny
 
-    model = tiny.tiny_qwen2_5_vl(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                                 num_key_value_heads=kv_heads, vocab_size=256, seed=seed)
+    model = tiny.tiny_model("qwen2_5_vl", num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                            num_key_value_heads=kv_heads, vocab_size=256, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
@@ -81,13 +81,13 @@ def random_qwen(hidden, heads, kv_heads, layers, logit_gain, seed=0):
 def random_samples(model, n, image_px, seed):
     from token_prune import tiny
 
-    return [tiny.qwen_inputs(model, [tiny.SampleSpec(images=((image_px, image_px),), prefix_len=14, suffix_len=20)],
+    return [tiny.make_inputs(model, [tiny.SampleSpec(images=((image_px, image_px),), prefix_len=14, suffix_len=20)],
                              seed=seed + i) for i in range(n)]
 
 
 def trained_samples(path, n, batch):
-    from token_prune.accuracy import _to, load_small_lvlm
-    from token_prune.synthetic import make_sample
+    from token_prune.eval.small_lvlm import _to, load_small_lvlm
+    from token_prune.eval.synthetic import make_sample
 
     model, _, proc, preset, _ = load_small_lvlm(path)
     cal = [make_sample(preset.task, 0, i, "val") for i in range(n)]
