@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from token_prune import _ops  # noqa: E402
 from token_prune.reference import (  # noqa: E402
+    causal_attention_received_ref,
     compact_tokens_ref,
     glimpse_attention_map_ref,
     keep_mask_ref,
@@ -328,6 +329,46 @@ def case_scatter(device, batch, n_vis, ratio, inplace, smoke):
     return dict(kernel=kernel, baseline=baseline, ok=ok, check="exact" if ok else "MISMATCH", bytes=nbytes, flops=0)
 
 
+def torch_alvts_score(q, k, visual, valid):
+    """methods/alvts.py's GPU path: the score as the value-gradient of one fused SDPA call
+    (forward and backward of a causal attention, seven n x n x d products per head)."""
+    from token_prune.methods.alvts import selection_scores
+
+    return selection_scores(q, k, valid, visual, impl="sdpa" if q.is_cuda else "chunked")
+
+
+def case_received(device, batch, seq, heads, kv_heads, dim, smoke, text=104):
+    """The ALVTS score: ``text`` text tokens around ``seq - text`` visual ones, left padding in
+    every other sample; heads/kv_heads/dim the selector's form (28/4/128: the full-width
+    selector of Qwen2.5-VL-7B; 1/1/R: a head-shared rank-R map)."""
+    g = torch.Generator().manual_seed(batch * 13 + seq + dim)
+    dtype = torch.float32 if smoke else BF16
+    q = torch.randn(batch, seq, heads, dim, generator=g).to(device, dtype).transpose(1, 2)  # projection layout
+    k = torch.randn(batch, seq, kv_heads, dim, generator=g).to(device, dtype).transpose(1, 2)
+    visual = torch.zeros(batch, seq, dtype=torch.bool)
+    visual[:, text // 2: seq - text // 2] = True
+    valid = torch.ones(batch, seq, dtype=torch.bool)
+    valid[1::2, : seq // 10] = False
+    visual, valid = visual.to(device), valid.to(device)
+
+    def kernel():
+        return _ops.alvts_score(q, k, visual, valid)
+
+    def baseline():
+        return torch_alvts_score(q, k, visual, valid)
+
+    rec = causal_attention_received_ref(q.double(), k.double(), visual, valid)
+    n_vis = (visual & valid).sum(1, keepdim=True).double()
+    n_txt = (~visual & valid).sum(1, keepdim=True).double()
+    want = (rec[:, 0] / n_vis * rec[:, 1] / n_txt)[visual & valid]
+    err, err_base = rel_err(kernel()[visual & valid], want), rel_err(baseline()[visual & valid], want)
+    ok = err <= 2 * err_base + 1e-5
+    pairs = float(valid.sum(1).double().mul(valid.sum(1).double() + 1).div(2).sum())
+    nbytes = (q.numel() + k.numel()) * q.element_size() + batch * seq * 2 * 4
+    return dict(kernel=kernel, baseline=baseline, ok=ok, check=f"rel err {err:.2e} (torch path {err_base:.2e})",
+                bytes=nbytes, flops=4.0 * heads * dim * pairs)
+
+
 def cases(smoke: bool, device):
     if smoke:
         return [
@@ -339,6 +380,8 @@ def cases(smoke: bool, device):
             ("compact_tokens", dict(batch=2, n_vis=64, ratio=0.11), case_compact),
             ("scatter_rows", dict(batch=2, n_vis=64, ratio=0.11, inplace=False), case_scatter),
             ("scatter_rows", dict(batch=2, n_vis=64, ratio=0.11, inplace=True), case_scatter),
+            ("causal_attention_received", dict(batch=2, seq=150, heads=4, kv_heads=2, dim=16), case_received),
+            ("causal_attention_received", dict(batch=2, seq=150, heads=1, kv_heads=1, dim=32), case_received),
         ]
     out = []
     for batch in (1, 8):
@@ -359,6 +402,11 @@ def cases(smoke: bool, device):
     for batch, n in ((1, 2304), (1, 16384), (8, 2304)):
         for inplace in (False, True):
             out.append(("scatter_rows", dict(batch=batch, n_vis=n, ratio=0.11, inplace=inplace), case_scatter))
+    # The ALVTS score per layer: full-width (every head, head dim 128), per KV group, head-shared rank R.
+    for batch, seq in ((1, 1128), (1, 4200), (4, 4200)):
+        for heads, kv, dim in ((28, 4, 128), (4, 4, 64), (1, 1, 256), (1, 1, 128)):
+            out.append(("causal_attention_received", dict(batch=batch, seq=seq, heads=heads, kv_heads=kv, dim=dim),
+                        case_received))
     return out
 
 

@@ -53,6 +53,14 @@ TORCH_LIBRARY(token_prune, m) {
   m.def(
       "scatter_rows_(Tensor(a!) full, Tensor packed, Tensor index, "
       "Tensor? residual) -> ()");
+  // Attention each key receives under the causal softmax of q [B, Hq, S, D]
+  // against k [B, Hk, S, D] (GQA heads shared, any row width D), averaged over
+  // query heads and summed over the real visual queries (row 0) and the real
+  // text queries (row 1) of its sample; visual, valid bool [B, S] (valid None:
+  // no padding). -> float32 [B, 2, S] (float64 for float64 q). ALVTS's score.
+  m.def(
+      "causal_attention_received(Tensor q, Tensor k, Tensor visual, Tensor? valid, "
+      "float scale) -> Tensor");
 }
 
 // The extension exposes no Python functions (everything goes through

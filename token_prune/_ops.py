@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from .reference import (
+    causal_attention_received_ref,
     compact_tokens_ref,
     glimpse_attention_map_ref,
     keep_mask_ref,
@@ -38,6 +39,8 @@ __all__ = [
     "EXTENSION_LOADED",
     "EXTENSION_WITH_CUDA",
     "SCHEMAS",
+    "alvts_score",
+    "causal_attention_received",
     "compact_tokens",
     "cu_seqlens_from_sizes",
     "gather_rows",
@@ -76,6 +79,10 @@ SCHEMAS: dict[str, str] = {
     "scatter_rows_": (
         "scatter_rows_(Tensor(a!) full, Tensor packed, Tensor index, "
         "Tensor? residual) -> ()"
+    ),
+    "causal_attention_received": (
+        "causal_attention_received(Tensor q, Tensor k, Tensor visual, Tensor? valid, "
+        "float scale) -> Tensor"
     ),
 }
 
@@ -129,6 +136,7 @@ _FALLBACKS = {
     "keep_mask": _keep_mask_fallback,
     "scatter_rows": _scatter_rows_fallback,
     "scatter_rows_": _scatter_rows_inplace_fallback,
+    "causal_attention_received": causal_attention_received_ref,
 }
 
 
@@ -240,6 +248,17 @@ def _scatter_rows_inplace_fake(full, packed, index, residual):
     torch._check(full.dim() == 3 and packed.dim() == 3 and index.dim() == 2,
                  lambda: "expected full [B, S, H], packed [B, S', H], index [B, S']")
     return None
+
+
+@torch.library.register_fake("token_prune::causal_attention_received")
+def _causal_attention_received_fake(q, k, visual, valid, scale):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: f"q, k must be [B, H, S, D], got {q.shape}, {k.shape}")
+    torch._check(k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:],
+                 lambda: f"k {k.shape} does not match q {q.shape}")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: f"{q.shape[1]} query heads over {k.shape[1]} key heads")
+    torch._check(visual.dtype == torch.bool, lambda: f"visual must be bool, got {visual.dtype}")
+    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((q.shape[0], 2, q.shape[2]), dtype=out_dtype)
 
 
 # -- when the methods use the kernels ------------------------------------------------------
@@ -592,3 +611,58 @@ torch.library.register_autograd("token_prune::compact_tokens", _compact_tokens_b
                                 setup_context=_compact_tokens_setup)
 torch.library.register_autograd("token_prune::scatter_rows", _scatter_rows_backward,
                                 setup_context=_scatter_rows_setup)
+
+
+def causal_attention_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    visual: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention every key receives from the visual and from the text queries of its sample,
+    under the causal softmax, without an ``S x S`` matrix (two passes over key blocks).
+
+    ``P_h = softmax(q_h k_h^T * scale)`` over the real keys at or before each query;
+    ``out[b, 0, i]`` sums ``mean_h P_h[j, i]`` over the real visual queries ``j`` of sample ``b``,
+    ``out[b, 1, i]`` over its real text queries. The same op serves the full-width selector
+    (``D`` = head dim, every head) and a low-rank one (``D`` = rank, one shared "head" or one
+    per KV group): only the widths differ.
+
+    Args:
+        q: ``[B, Hq, S, D]`` queries (rotary applied), any strides, float32/float64/float16/bfloat16.
+        k: ``[B, Hk, S, D]`` keys, q's dtype; query head ``h`` reads key head ``h // (Hq / Hk)``.
+        visual: bool ``[B, S]`` visual tokens.
+        valid: bool ``[B, S]`` real tokens (left padding or any other pattern), or None for none.
+        scale: logit scale, default ``1/sqrt(D)``.
+
+    Returns:
+        float32 ``[B, 2, S]`` (float64 for float64 inputs); padding columns are 0. Logits and
+        sums accumulate in that dtype. No host synchronization on CUDA.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.token_prune.causal_attention_received(q, k, visual, valid, float(scale))
+
+
+def alvts_score(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    visual: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """ALVTS's importance of every token: mean attention received from the real visual queries
+    times mean attention received from the real text queries (:func:`causal_attention_received`).
+
+    Returns:
+        ``[B, S]`` in the op's output dtype (meaningful at visual positions). Equals
+        ``methods.alvts.selection_scores(q, k, valid, visual)`` when ``scale`` is ``1/sqrt(D)``.
+    """
+    received = causal_attention_received(q, k, visual, valid, scale=scale)
+    real = torch.ones_like(visual) if valid is None else valid
+    n_vis = (visual & real).sum(1, keepdim=True).clamp(min=1).to(received.dtype)
+    n_txt = (~visual & real).sum(1, keepdim=True).clamp(min=1).to(received.dtype)
+    return (received[:, 0] / n_vis) * (received[:, 1] / n_txt)

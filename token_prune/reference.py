@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "causal_attention_received_ref",
     "compact_tokens_ref",
     "glimpse_attention_map_ref",
     "keep_mask_ref",
@@ -343,4 +344,58 @@ def scatter_rows_ref(
     ok = index >= 0
     b = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(index)
     out[b[ok], index[ok].long()] = rows[ok]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# attention received under a causal softmax (the ALVTS score)
+# ---------------------------------------------------------------------------
+
+
+def causal_attention_received_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    visual: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Reference for :func:`token_prune._ops.causal_attention_received`.
+
+    With ``P_h = softmax(q_h k_g(h)^T * scale)`` over the keys each query may see (keys at or
+    before it, real ones only), averaged over the query heads, and ``j`` the queries:
+
+    * ``out[b, 0, i] = sum over real visual queries j of mean_h P_h[j, i]``
+    * ``out[b, 1, i] = sum over real text queries j of mean_h P_h[j, i]``
+
+    Shapes: ``q`` ``[B, Hq, S, D]``, ``k`` ``[B, Hk, S, D]`` (query head ``h`` reads key head
+    ``h // (Hq / Hk)``), ``visual`` and ``valid`` bool ``[B, S]`` (``valid`` None: no padding).
+    ``scale`` defaults to ``1/sqrt(D)``. The softmax is explicit, over query blocks of ``chunk``
+    rows, in float32 (float64 for float64 inputs), which is also the output dtype. Columns of
+    padding keys are 0.
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise RuntimeError("causal_attention_received_ref: expected q [B, Hq, S, D] and k [B, Hk, S, D]")
+    batch, heads, seq, dim = q.shape
+    if heads % k.shape[1]:
+        raise RuntimeError(f"causal_attention_received_ref: {heads} query heads do not split over {k.shape[1]} key heads")
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    if valid is None:
+        valid = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+    qf = q.to(acc)
+    kf = k.to(acc).repeat_interleave(heads // k.shape[1], dim=1)
+    weights = torch.stack([visual & valid, ~visual & valid], 1).to(acc)  # [B, 2, S] per query
+    out = torch.zeros(batch, 2, seq, dtype=acc, device=q.device)
+    key = torch.arange(seq, device=q.device)
+    for start in range(0, seq, chunk):
+        stop = min(seq, start + chunk)
+        rows = torch.arange(start, stop, device=q.device)
+        logits = (qf[:, :, start:stop] @ kf.transpose(-1, -2)) * scale  # [B, Hq, c, S]
+        seen = valid[:, None, None, :] & (key[None, None, None, :] <= rows[None, None, :, None])
+        probs = logits.masked_fill(~seen, float("-inf")).softmax(-1)
+        # A padding query sees no key: its row is NaN, and its weight is zero anyway.
+        probs = torch.nan_to_num(probs).mean(1)  # [B, c, S]
+        out += weights[:, :, start:stop] @ probs
     return out
