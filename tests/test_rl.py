@@ -316,7 +316,7 @@ def test_train_rl_refuses_bad_input(tmp_path):
     model, tok, proc, vip, rows = _small_setup()
     with pytest.raises(ValueError, match="num_generations"):
         rl.train_rl(model, rows, vip=vip, processor=proc, out_dir=tmp_path, num_generations=1)
-    with tp.patch(model, method="fastv"):
+    with tp.patch(model, method="fastv", layer=1):
         with pytest.raises(ValueError, match="patched"):
             rl.train_rl(model, rows, vip=vip, processor=proc, out_dir=tmp_path)
     assert tp.get_handle(model) is None

@@ -66,6 +66,11 @@ class PatchHandle:
     def __enter__(self):
         return self
 
+    def __deepcopy__(self, memo):
+        # A deep copy of a patched model is unpatched (see token_prune/instance_patch.py): it has
+        # no handle.
+        return None
+
     def __exit__(self, *exc):
         self.remove()
         return False

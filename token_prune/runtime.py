@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import _ops, hf, nvtx
+from .instance_patch import WrappedMethod
+from .vision_capture import VisionCaptures
 from .reference import keep_mask_ref
 
 if TYPE_CHECKING:
@@ -173,6 +175,9 @@ def sample_stats(batch: TokenBatch, keep_vis: torch.Tensor, sizes: list[int]) ->
     for b, n in enumerate(per_sample):
         images, consumed = [], 0
         while consumed < n:
+            if img >= len(sizes):
+                raise RuntimeError(f"token_prune: the images' token counts {sizes} do not add up to the visual "
+                                   f"tokens of each sample {per_sample}")
             images.append({"tokens": sizes[img], "kept": kept_per_image[img]})
             consumed += sizes[img]
             img += 1
@@ -289,6 +294,12 @@ class CallContext:
     """Inputs of one outer model call that the language-model forward needs."""
 
     input_ids: torch.Tensor | None = None
+    #: [B, S] bool visual tokens, when the call gave embeddings instead of ids
+    visual: torch.Tensor | None = None
+    #: [B, S] padding mask of the call (to recognise generate's repeated prompts)
+    attention_mask: torch.Tensor | None = None
+    #: the call computes a loss from labels: the output must stay aligned with the input
+    aligned: bool = False
     #: [n_images, 2] token grid (rows, cols) of each image, filled at prefill
     image_grids: torch.Tensor | None = None
     #: per condition layer [N, width] pooled vision features, natural token order
@@ -305,19 +316,22 @@ class Runtime:
         self.adapter = adapter
         self.method = method
         self.ctx: CallContext | None = None
+        #: labels of the top-level call in progress (the loss needs aligned outputs)
+        self._labels: torch.Tensor | None = None
         self.pruned: PrunedCacheState | None = None
         self.stats: list[dict] = []
         self.keep_mask: torch.Tensor | None = None
-        self.vision_captures: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self.captures = VisionCaptures()
         self._hooks: list = []
-        self._saved: list[tuple[torch.nn.Module, bool, object]] = []
+        self._saved: list[tuple[torch.nn.Module, str, bool, object]] = []
 
     # -- install / remove ----------------------------------------------------------------
     def install(self) -> None:
         outer, lm = self.adapter.outer, self.adapter.lm
         try:
-            self._wrap(outer, self._outer_forward)
-            self._wrap(lm, self._lm_forward)
+            self.wrap_method(self.adapter.model, "forward", self._top_forward)
+            self.wrap_method(outer, "forward", self._outer_forward)
+            self.wrap_method(lm, "forward", self._lm_forward)
             # Installed even when the method reads no features: the hooks also record each
             # image's token grid, which per-image keep rules need.
             self._hooks.extend(self.adapter.install_vision_hooks(self, self.method.vision_layers()))
@@ -325,69 +339,59 @@ class Runtime:
             self.remove()  # a failed patch leaves the model untouched
             raise
 
-    def _wrap(self, module: torch.nn.Module, fn) -> None:
-        had = "forward" in module.__dict__
-        orig = module.__dict__.get("forward")
-        bound = module.forward  # the class method bound to the instance (or a previous instance attribute)
-        ref = weakref.ref(self)
-
-        def forward(*args, **kwargs):
-            rt = ref()
-            if rt is None:
-                return bound(*args, **kwargs)
-            return fn(bound, module, *args, **kwargs)
-
-        forward.__wrapped__ = bound
-        forward.__signature__ = inspect.signature(bound)
-        module.forward = forward
-        self._saved.append((module, had, orig))
+    def wrap_method(self, module: torch.nn.Module, name: str, fn) -> None:
+        """Replace ``module.<name>`` on this instance by ``fn(original, module, *args, **kwargs)``
+        until :meth:`remove` (a deep copy of the model gets the class's method back)."""
+        had = name in module.__dict__
+        previous = module.__dict__.get(name)
+        module.__dict__[name] = WrappedMethod(module, getattr(module, name), fn, self)
+        self._saved.append((module, name, had, previous))
 
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for module, had, orig in reversed(self._saved):
+        for module, name, had, previous in reversed(self._saved):
             if had:
-                module.forward = orig
+                module.__dict__[name] = previous
             else:
-                module.__dict__.pop("forward", None)
+                module.__dict__.pop(name, None)
         self._saved.clear()
+        self.captures.clear()
         self.ctx = None
         self.pruned = None
 
     # -- vision features -------------------------------------------------------------------
-    def add_vision_capture(self, feats: list[torch.Tensor], grid: torch.Tensor) -> None:
-        self.vision_captures.append((feats, grid))
-        del self.vision_captures[:-4]  # a few passes (images, videos) between two prefills at most
-
-    def take_vision_capture(self, n_visual: int, required: bool = True):
-        """The latest vision pass whose token count matches the prompt's image tokens.
-
-        Returns (features, layout, per-image token counts); (None, None, None) when nothing
-        matches and ``required`` is False.
-        """
-        for feats, layout in reversed(self.vision_captures):
-            sizes = layout_sizes(layout)
-            if sum(sizes) == n_visual:
-                self.vision_captures.clear()
-                return feats, layout, sizes
-        counts = [sum(layout_sizes(layout)) for _, layout in self.vision_captures]
-        self.vision_captures.clear()
-        if not required:
-            return None, None, None
-        raise RuntimeError(
-            f"token_prune: the prompt has {n_visual} image tokens but no vision-tower pass of that size was seen "
-            f"(seen: {counts or 'none'}). Pass pixel_values to the patched model (precomputed image features "
-            "from before patching cannot be used), and use num_beams=1, num_return_sequences=1."
-        )
+    def add_vision_capture(self, feats: list[torch.Tensor], layout) -> None:
+        """Called by the adapter's hooks after every vision-tower pass: per condition [N, C]
+        features (images concatenated, natural token order) and the images' token layout."""
+        self.captures.add(feats, layout)
 
     # -- forwards ------------------------------------------------------------------------
+    def _top_forward(self, orig, module, *args, **kwargs):
+        """The ``...ForConditionalGeneration`` forward: only the labels matter here (a loss needs
+        one output row per input token, so the pruned prefill returns aligned rows)."""
+        labels = kwargs.get("labels")
+        if labels is None:
+            return orig(*args, **kwargs)
+        self._labels = labels
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            self._labels = None
+
     def _outer_forward(self, orig, module, *args, **kwargs):
         bound = inspect.signature(orig).bind_partial(*args, **kwargs)
         a = bound.arguments
         extra = a.get("kwargs", {})
         get = lambda k: a.get(k, extra.get(k))  # noqa: E731
-        ctx = CallContext(input_ids=get("input_ids"))
+        input_ids, embeds, mask = get("input_ids"), get("inputs_embeds"), get("attention_mask")
+        labels = self._labels
+        ctx = CallContext(input_ids=input_ids, aligned=labels is not None,
+                          attention_mask=mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None)
+        if input_ids is None and embeds is not None:
+            # Embeddings in place of ids: find the image placeholders the way HF does.
+            ctx.visual = self.adapter.visual_mask(inputs_embeds=embeds)
         cache = hf.get_cache(a) or hf.get_cache(extra)
         if self.pruned is not None and self.pruned.owns(cache) and get("position_ids") is None:
             pos = self.adapter.decode_positions(self, dict(a, **extra))
@@ -396,9 +400,12 @@ class Runtime:
                 kwargs["position_ids"] = pos
         prev, self.ctx = self.ctx, ctx
         try:
-            return orig(*args, **kwargs)
+            out = orig(*args, **kwargs)
         finally:
             self.ctx = prev
+        if labels is not None and ctx.extra.get("pruned"):
+            _check_labels_on_kept(labels, self.keep_mask, ctx.attention_mask)
+        return out
 
     def _lm_forward(self, orig, lm, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
@@ -409,21 +416,51 @@ class Runtime:
         cache = cache if cache is not None else other
         cache_len = hf.layer_length(cache, 0)
         if cache_len == 0:
-            wants = ctx is not None and ctx.input_ids is not None
-            if wants and not isinstance(attention_mask, dict) and (attention_mask is None or attention_mask.ndim == 2):
-                visual = ctx.input_ids == self.adapter.image_token_id
-                if bool(visual.any()):
-                    ctx.vision_features, ctx.image_grids, ctx.image_sizes = self.take_vision_capture(
-                        int(visual.sum()), required=bool(self.method.vision_layers()))
-                    return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, cache,
-                                                inputs_embeds, use_cache, visual, kwargs)
+            visual = None
+            if ctx is not None:
+                visual = ctx.visual if ctx.visual is not None else self.adapter.visual_mask(input_ids=ctx.input_ids)
+            if visual is not None and bool(visual.any()):
+                if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
+                    raise NotImplementedError(
+                        "token_prune: pruning needs the 2D padding mask, but this call passed prepared 4D masks "
+                        "(generate does so for a static cache: cache_implementation='static'); use the default "
+                        "dynamic cache")
+                if cache is not None and not hf.is_dynamic_cache(cache):
+                    raise NotImplementedError(
+                        f"token_prune: pruning needs a DynamicCache (got {type(cache).__name__}, e.g. from "
+                        "cache_implementation='static'); use the default dynamic cache")
+                ctx.vision_features, ctx.image_grids, ctx.image_sizes = self.captures.take(
+                    visual, input_ids=ctx.input_ids, mask=ctx.attention_mask,
+                    required=bool(self.method.vision_layers()))
+                ctx.extra["pruned"] = True
+                return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, cache,
+                                            inputs_embeds, use_cache, visual, kwargs)
             self.pruned = None
             self.stats = []
             self.keep_mask = None
         elif self.pruned is not None and self.pruned.owns(cache):
-            q_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
             if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
                 raise NotImplementedError("token_prune: decoding on a pruned cache needs a 2D attention mask")
+            ref = inputs_embeds if inputs_embeds is not None else input_ids
+            q_len = ref.shape[1]
+            # generate restarting from this cache (a second turn) counts the cached tokens from the
+            # pruned length and re-feeds prompt tokens the cache holds already: keep only the new
+            # ones. The mask (unpruned numbering) or, without padding, the positions tell which.
+            new = q_len
+            if attention_mask is not None:
+                new = attention_mask.shape[1] - self.pruned.next_position(cache)
+            elif position_ids is not None:
+                pos, text = self.adapter.split_positions(position_ids, ref.shape[0], q_len, ref.device)
+                text = pos[0] if text is None else text
+                new = int((text[0] >= self.pruned.next_position(cache)).sum())
+            if 0 < new < q_len:
+                q_len = new
+                if inputs_embeds is not None:
+                    inputs_embeds = inputs_embeds[:, -new:]
+                if input_ids is not None:
+                    input_ids = input_ids[:, -new:]
+                if position_ids is not None:
+                    position_ids = position_ids[..., -new:]
             if not self.pruned.uniform:
                 return self._layerwise_decode(lm, input_ids, attention_mask, position_ids, cache,
                                               inputs_embeds, use_cache, kwargs)
@@ -462,6 +499,14 @@ class Runtime:
             res = self.method.prefill(self, lm, batch, cache, use_cache, kwargs)
         hidden = lm.norm(res.hidden)
         out = res.batch
+        if self.ctx is not None and self.ctx.aligned:
+            # A loss from labels needs one output row per input token: kept rows go back to their
+            # places, the rows of pruned tokens are zeros (labels must ignore them; checked).
+            full = hidden.new_zeros(B, S, hidden.shape[-1])
+            ok = out.index >= 0
+            rows = torch.arange(B, device=dev)[:, None].expand_as(out.index)
+            full[rows[ok], out.index[ok]] = hidden[ok]
+            hidden = full
         # Which prompt positions reach the output, in the caller's [B, S] coordinates.
         keep_mask = torch.zeros(B, S + 1, dtype=torch.bool, device=dev)
         rows = torch.arange(B, device=dev)[:, None].expand_as(out.index)
@@ -506,11 +551,21 @@ class Runtime:
         return hf.lm_output(lm.norm(hidden), cache)
 
 
-def layout_sizes(layout) -> list[int]:
-    """Tokens per image of a vision layout: a grid [n_images, 2] or (positions [N, 2], lengths)."""
-    if isinstance(layout, torch.Tensor):
-        return (layout[:, 0] * layout[:, 1]).tolist()
-    return [int(n) for n in layout[1]]
+def _check_labels_on_kept(labels: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Every real position whose output a label is scored against must have been kept.
+
+    HF scores the output at position t against ``labels[t + 1]``; pruned tokens have no output.
+    """
+    scored = labels[:, 1:] != -100
+    lost = scored & ~keep[:, :-1].to(labels.device)
+    if mask is not None:
+        lost &= mask[:, :-1].bool().to(labels.device)
+    if bool(lost.any()):
+        b, t = (int(i) for i in lost.nonzero()[0])
+        raise ValueError(
+            f"token_prune: labels score the output of a pruned token (sample {b}, position {t}: labels[{t + 1}] "
+            "is not -100). Pruned tokens have no output; give them (and the label after each) -100, as for the "
+            "image tokens of a prompt, or compute the loss without pruning")
 
 
 def _rebind(fn, args, kwargs):

@@ -107,8 +107,8 @@ class Bench:
             yield handle
         finally:
             rt = getattr(handle, "_runtime", None)
-            if rt is not None and hasattr(rt, "vision_captures"):
-                rt.vision_captures.clear()
+            if rt is not None:
+                rt.captures.clear()
             handle.remove()
 
     def free(self) -> None:

@@ -159,6 +159,10 @@ class PruneAfterLayer(PruningMethod):
         super().__init__(adapter)
         self.layer = check_layer("layer", layer, adapter.num_layers)
         self.keep_ratio = check_fraction("keep_ratio", keep_ratio, allow_none=not keep_ratio_required)
+        if not self.prunes_cache and self.layer == adapter.num_layers - 1:
+            # Nothing runs after the last layer and its cache keeps the whole prompt.
+            raise ValueError(f"layer={self.layer} is the last decoder layer: {self.name} would prune nothing there; "
+                             f"use layer <= {adapter.num_layers - 2}")
 
     # -- what a method says ----------------------------------------------------------------
     def score(self, rt, view: LayerKView) -> torch.Tensor:

@@ -77,6 +77,10 @@ class GlimpsePrune(PruneAfterLayer):
         if layer is not None:
             layer = check_layer("layer", layer, n_layers)
         modules = self._resolve_vip(adapter, vip, layer, seed)
+        trained_on = modules.config.model_type
+        if trained_on and trained_on != adapter.model_type:
+            raise ValueError(f"the VIP was trained for {trained_on!r} models, this is a {adapter.model_type!r} model "
+                             "(its attention map and vision features differ); train one for this family")
         modules.check_compatible(
             llm_hidden_size=adapter.hidden_size,
             llm_num_layers=n_layers,

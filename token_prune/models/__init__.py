@@ -42,7 +42,15 @@ def adapter_for(model) -> ModelAdapter:
             f"token_prune does not support model_type {model_type!r} ({type(model).__name__}); "
             f"supported: {', '.join(supported_models())}"
         )
-    return ADAPTERS[model_type](model)
+    cls = ADAPTERS[model_type]
+    import transformers
+
+    expected = getattr(transformers, cls.hf_model_class, None)
+    if expected is not None and not isinstance(model, expected):
+        raise ValueError(
+            f"token_prune patches the whole {cls.hf_model_class} (the model with .generate), got "
+            f"{type(model).__name__}; pass that model, not one of its parts")
+    return cls(model)
 
 
 __all__ = ["ADAPTERS", "DEFAULT_MODEL", "adapter_class", "adapter_for", "supported_models", "ModelAdapter"]

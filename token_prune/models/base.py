@@ -96,6 +96,18 @@ class ModelAdapter:
         """ALVTS selector rank: the published one for this size, else hidden/16 (256 for 4096)."""
         return cls.alvts_ranks.get(hidden_size, max(4, hidden_size // 16))
 
+    def visual_mask(self, input_ids: torch.Tensor | None = None,
+                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[B, S] bool: the visual placeholder tokens of a prompt given as ids [B, S] or as
+        embeddings [B, S, H] (rows equal to the placeholder's embedding, as HF finds them)."""
+        if input_ids is not None:
+            return input_ids == self.image_token_id
+        if inputs_embeds is not None:
+            token = torch.tensor(self.image_token_id, device=inputs_embeds.device)
+            placeholder = self.model.get_input_embeddings()(token).to(inputs_embeds.dtype)
+            return (inputs_embeds == placeholder).all(-1)
+        return None
+
     def default_glimpse_layer(self) -> int:
         return self.glimpse_layer_for(self.num_layers)
 

@@ -34,31 +34,12 @@ LLaVA-NeXT checkpoint) is supported.
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import torch
 
 from .. import hf
+from ..instance_patch import forward_hook, forward_pre_hook
 from .base import ModelAdapter, pil_to_tensor
-
-
-class _AttributeRestore:
-    """A hook-like handle that puts back an instance attribute we replaced."""
-
-    def __init__(self, obj, name: str):
-        self.obj = obj
-        self.name = name
-        self.had = name in obj.__dict__
-        self.prev = obj.__dict__.get(name)
-
-    def remove(self) -> None:
-        if self.obj is None:
-            return
-        if self.had:
-            self.obj.__dict__[self.name] = self.prev
-        else:
-            self.obj.__dict__.pop(self.name, None)
-        self.obj = None
 
 
 def anyres_tiles(image_size, grid_pinpoints, tile_size: int) -> tuple[int, int]:
@@ -231,20 +212,14 @@ class LlavaAdapter(ModelAdapter):
                     captured[0] = h
 
         # Always hooked: it also counts the tiles, for methods that need only the layout.
-        hooks.append(clip[0].register_forward_pre_hook(input_hook, with_kwargs=True))
+        hooks.append(forward_pre_hook(clip[0], input_hook, with_kwargs=True))
         for v in sorted(set(layers) - {0}):
-            hooks.append(clip[v - 1].register_forward_hook(output_hook(v)))
+            hooks.append(forward_hook(clip[v - 1], output_hook(v)))
 
-        outer = self.outer
-        orig = outer.get_image_features
-        sig = inspect.signature(orig)
-        rt_ref = weakref.ref(runtime)
+        sig = inspect.signature(self.outer.get_image_features)
         adapter = self
 
-        def get_image_features(*args, **kwargs):
-            rt = rt_ref()
-            if rt is None:
-                return orig(*args, **kwargs)
+        def get_image_features(orig, outer, *args, **kwargs):
             bound = sig.bind_partial(*args, **kwargs)
             call_args = dict(bound.arguments)
             call_args.update(call_args.pop("kwargs", {}) or {})
@@ -261,14 +236,13 @@ class LlavaAdapter(ModelAdapter):
                 active[0] = False
             if tiles[0] is not None and all(v in captured for v in layers):
                 feats = [adapter.arrange(captured[v], call_args) for v in layers]
-                rt.add_vision_capture(feats, adapter.layout(tiles[0], call_args))
+                runtime.add_vision_capture(feats, adapter.layout(tiles[0], call_args))
             captured.clear()
             return out
 
-        get_image_features.__wrapped__ = orig
-        get_image_features.__signature__ = sig
-        hooks.append(_AttributeRestore(outer, "get_image_features"))
-        outer.get_image_features = get_image_features
+        # The features are read where the model asks for them: generate encodes the images
+        # before its first forward, outside any forward of the language model.
+        runtime.wrap_method(self.outer, "get_image_features", get_image_features)
         return hooks
 
     # -- the family without a model ---------------------------------------------------------

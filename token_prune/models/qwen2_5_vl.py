@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import hf
+from ..instance_patch import forward_hook, forward_pre_hook
 from .base import ModelAdapter, pil_to_tensor
 
 
@@ -121,10 +122,10 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             runtime.add_vision_capture(feats, torch.stack([g[:, 0] * (g[:, 1] // merge), g[:, 2] // merge], 1))
             captured.clear()
 
-        hooks = [self.visual.register_forward_pre_hook(pre, with_kwargs=True)]
+        hooks = [forward_pre_hook(self.visual, pre, with_kwargs=True)]
         for blk in wanted:
-            hooks.append(blocks[blk].register_forward_hook(make_block_hook(blk)))
-        hooks.append(self.visual.register_forward_hook(post, with_kwargs=True))
+            hooks.append(forward_hook(blocks[blk], make_block_hook(blk)))
+        hooks.append(forward_hook(self.visual, post, with_kwargs=True))
         return hooks
 
     def decode_positions(self, runtime, kwargs):

@@ -343,5 +343,6 @@ def _public_config_fields(hf: Mapping[str, Any], cfg_path: str,
         "hidden_size": gp("attn_fuse_size"),
         "cond_size": gp("visual_cond_size"),
         "num_heads": gp("attn_fuse_num_heads"),
-        "model_type": str(hf.get("model_type", "")),
+        # GlimpsePrune's fork registers its models as "<model_type>_gp".
+        "model_type": str(hf.get("model_type", "")).removesuffix("_gp"),
     }
