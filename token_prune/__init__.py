@@ -13,7 +13,7 @@ entry points below are imported on first use.
 from ._ops import compact_tokens
 from .api import PatchHandle, get_handle, patch, unpatch
 from .methods import supported_methods
-from .methods.alvts import LowRankSelector
+from .methods.alvts_selector import FullWidthSelector, GroupRopeSelector, LowRankSelector
 from .models import supported_models
 from .vip import GlimpseConfig, GlimpseModules
 
@@ -48,6 +48,8 @@ __all__ = [
     "GlimpseModules",
     "compact_tokens",
     "LowRankSelector",
+    "GroupRopeSelector",
+    "FullWidthSelector",
     "supported_methods",
     "supported_models",
     "train_vip",

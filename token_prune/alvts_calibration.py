@@ -1,25 +1,31 @@
-"""Calibration of the ALVTS selector: fit each layer's low-rank query/key factors, the model
-frozen, so that the selector's importance score matches the full-rank one
-(:func:`calibrate_alvts`), measure how well it does (:func:`score_error`), and the
-``token-prune calibrate-alvts`` command.
+"""Calibration of the ALVTS selector: fit each layer's selector parameters, the model frozen, so
+that the selector's importance score matches the full-rank one (:func:`calibrate_alvts`), measure
+how well it does (:func:`score_error`), and the ``token-prune calibrate-alvts`` command.
 
 The paper calls this "importance-consistency constrained low-rank approximation": start from the
-truncated SVD of the layer's own projections, then minimise the error of the *score* (not of the
-weights) on a small calibration set.
+truncated SVD of the layer's own projections (for the per-group form: of its rotary-aware
+head-summed q/k map, :mod:`~token_prune.methods.alvts_selector`), then minimise the error of the
+*score* (not of the weights) on a small calibration set.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
 
-from . import hf
 from .api import get_handle
-from .methods.alvts import LowRankSelector, selection_scores, topk_per_image
+from .methods.alvts import topk_per_image
+from .methods.alvts_selector import (DEFAULT_FORM, LowRankSelector, check_form, default_rank, received_score,
+                                     selector_class)
 from .methods.base import image_sizes
 from .models import DEFAULT_MODEL, adapter_for, supported_models
+
+#: Adam step size per form when none is given: absolute for the full-width factors, relative to
+#: each tensor's mean magnitude for the per-group maps (whose scale follows the q/k weights).
+DEFAULT_LR = {"full_width": 1e-3, "group_rope": 0.02}
 
 
 class _Stop(Exception):
@@ -55,6 +61,14 @@ def _masks(model, inputs):
     return valid, visual
 
 
+@torch.no_grad()
+def full_rank_score(adapter, layer: int, x: torch.Tensor, cos, sin, valid, visual) -> torch.Tensor:
+    """S* [B, S]: ALVTS's score from the layer's exact q/k (every head its own softmax), the
+    target every selector is fitted and judged against."""
+    q, k = adapter.project_qk(layer, x, cos, sin)
+    return received_score(q, k, visual, valid, 1.0 / math.sqrt(adapter.head_dim))
+
+
 def score_error(selector, model, samples, layers=None) -> dict:
     """Relative squared error of the selector's scores against the full-rank oracle and the
     overlap of its per-image top-k with the oracle's top-k (k = 11% of each image), per layer.
@@ -69,11 +83,9 @@ def score_error(selector, model, samples, layers=None) -> dict:
         for inputs in samples:
             x, (cos, sin) = layer_inputs(model, adapter, inputs, li)
             valid, visual = _masks(model, inputs)
+            oracle = full_rank_score(adapter, li, x, cos, sin, valid, visual)
             with torch.no_grad():
-                q, k = adapter.project_qk(li, x, cos, sin)
-                oracle = selection_scores(q, k, valid, visual)
-                q, k = selector.qk(adapter, li, x, cos, sin)
-                got = selection_scores(q, k, valid, visual)
+                got = selector.scores(adapter, li, x, cos, sin, valid, visual)
             r_sum += float(_rel_mse(got, oracle, visual))
             sizes = image_sizes(visual, None)
             a = topk_per_image(oracle, visual, sizes, 0.11)
@@ -90,49 +102,60 @@ def _rel_mse(got, oracle, visual):
     return ((g - o) ** 2).mean() / (o ** 2).mean().clamp(min=1e-30)
 
 
-def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, lr: float = 1e-3,
+def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, lr: float | None = None,
                     start_layer: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
-                    seed: int = 0, proj_weight: float = 0.5, val_fraction: float = 0.25) -> LowRankSelector:
-    """Fit the ALVTS low-rank selector of every layer to the full-rank score (model frozen).
+                    seed: int = 0, proj_weight: float = 0.5, val_fraction: float = 0.25,
+                    selector_form: str = DEFAULT_FORM) -> LowRankSelector:
+    """Fit the ALVTS selector of every layer to the full-rank score (model frozen).
 
-    Starts from the truncated-SVD factors of each layer's q/k projections and minimises, with
-    Adam, the squared error between the low-rank score S and the oracle score S* (both from
-    :func:`selection_scores`, on the unpatched model's own layer inputs), relative to the
-    oracle's scale, summed over ``samples``. Two guards against over-fitting a small
-    calibration set: a data-aware projection term (``proj_weight`` times the relative error of
-    the low-rank q/k against the full-rank q/k on the same tokens) and early stopping on a
-    held-out ``val_fraction`` of the samples (the factors of the best validation step are kept,
-    and step 0 is the SVD start, so validation never ends worse than SVD).
+    Starts from the SVD start of the form (:meth:`LowRankSelector.from_weights`) and minimises,
+    with Adam, the squared error between the selector's score S and the full-rank score S*
+    (:func:`full_rank_score`, on the unpatched model's own layer inputs), relative to the oracle's
+    scale, summed over ``samples``. Early stopping on a held-out ``val_fraction`` of the samples:
+    the parameters of the best validation step are kept, and step 0 is the SVD start, so
+    validation never ends worse than SVD. The full-width form adds a data-aware projection term
+    (``proj_weight`` times the relative error of its q/k against the exact q/k on the same
+    tokens); the per-group form has no per-head q/k to compare and fits the score alone.
 
     Args:
         model: an unpatched supported model (its weights are not changed).
         samples: list of model input dicts (processor output), each a batch with images.
-        rank: factor rank R (default: the per-model default).
-        steps: optimisation steps per layer (each step visits every sample).
+        rank: selector rank R (default: the form's per-model default).
+        steps: optimisation steps per layer (each step visits every training sample).
+        lr: Adam step size (default :data:`DEFAULT_LR` of the form; relative to each tensor's
+            mean magnitude for ``group_rope``).
         start_layer: first layer to calibrate (layers before it are never pruned by ALVTS).
         out: directory to save the selector to (``selector.safetensors`` + ``selector.json``).
+        selector_form: ``"group_rope"`` (default) or ``"full_width"``.
 
     Returns:
-        The calibrated :class:`LowRankSelector`.
+        The calibrated selector (:class:`~token_prune.methods.alvts_selector.GroupRopeSelector`
+        or :class:`~token_prune.methods.alvts_selector.FullWidthSelector`), in the model's dtype.
     """
     from tqdm.auto import tqdm
 
+    form = check_form(selector_form)
     if get_handle(model) is not None:
         raise ValueError("calibrate_alvts needs the unpatched model: remove the patch first")
     if not samples:
         raise ValueError("calibrate_alvts needs at least one sample")
     adapter = adapter_for(model)
-    rank = rank or adapter.default_alvts_rank()
+    cls = selector_class(form)
+    rank = rank or default_rank(adapter, form)
+    cls.check_rank(adapter, rank)
+    lr = DEFAULT_LR[form] if lr is None else float(lr)
+    relative_lr = form == "group_rope"
     layers = list(range(start_layer, adapter.num_layers))
-    selector = LowRankSelector.from_svd(adapter, rank, layers)
+    selector = cls.from_weights(adapter, rank, layers)
     param = next(model.parameters())
     selector.to(device=param.device)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(samples), generator=gen).tolist()
     n_val = int(round(val_fraction * len(samples))) if len(samples) >= 4 else 0
     val_idx, train_idx = set(order[:n_val]), order[n_val:]
-    bar = tqdm(total=len(layers) * steps, desc="calibrating ALVTS", disable=not progress)
+    bar = tqdm(total=len(layers) * steps, desc=f"calibrating ALVTS ({form}, R={rank})", disable=not progress)
     history = {}
+    scale = selector.scale(adapter)
     for li in layers:
         data = []
         for inputs in samples:
@@ -140,20 +163,27 @@ def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, l
             valid, visual = _masks(model, inputs)
             with torch.no_grad():
                 q, k = adapter.project_qk(li, x, cos, sin)
-                oracle = selection_scores(q, k, valid, visual).float()
-            data.append((x, cos, sin, valid, visual, oracle, q.float(), k.float()))
-        f = selector.layers[str(li)]
+                oracle = received_score(q, k, visual, valid, 1.0 / math.sqrt(adapter.head_dim)).float()
+            exact = (q.float(), k.float()) if form == "full_width" else None
+            data.append((x, cos, sin, valid, visual, oracle, exact))
         # Optimise in float32 whatever the model dtype; write back in the model's dtype.
-        params = {n: torch.nn.Parameter(getattr(f, n).detach().float().clone()) for n in ("q_a", "q_b", "k_a", "k_b")}
-        opt = torch.optim.Adam(params.values(), lr=lr)
+        params = {n: torch.nn.Parameter(p.detach().float().clone()) for n, p in selector.layer_params(li).items()}
+        groups = [{"params": [p], "lr": lr * (float(p.detach().abs().mean()) or 1.0) if relative_lr else lr}
+                  for p in params.values()]
+        opt = torch.optim.Adam(groups)
+
+        def score_and_qk(i, params=params):
+            x, cos, sin, valid, visual = data[i][:5]
+            q, k = selector.qk(adapter, li, x, cos, sin, params)
+            return received_score(q, k, visual, valid, scale), q, k
 
         def loss_of(i):
-            x, cos, sin, valid, visual, oracle, q_full, k_full = data[i]
-            q, k = _lowrank_qk(adapter, li, x, cos, sin, params)
-            loss = _rel_mse(selection_scores(q, k, valid, visual), oracle, visual)
-            if proj_weight:
+            valid, visual, oracle, exact = data[i][3:]
+            score, q, k = score_and_qk(i)
+            loss = _rel_mse(score, oracle, visual)
+            if exact is not None and proj_weight:
                 m = valid[:, None, :, None]
-                for a, b in ((q, q_full), (k, k_full)):
+                for a, b in zip((q, k), exact):
                     loss = loss + proj_weight * ((a - b) ** 2 * m).sum() / ((b ** 2) * m).sum().clamp(min=1e-30) / 2
             return loss
 
@@ -161,9 +191,7 @@ def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, l
             if not val_idx:
                 return None
             with torch.no_grad():
-                return sum(float(_rel_mse(selection_scores(*_lowrank_qk(adapter, li, *data[i][:3], params),
-                                                           data[i][3], data[i][4]), data[i][5], data[i][4]))
-                           for i in val_idx) / len(val_idx)
+                return sum(float(_rel_mse(score_and_qk(i)[0], data[i][5], data[i][4])) for i in val_idx) / len(val_idx)
 
         best = (val_loss(), {n: p.detach().clone() for n, p in params.items()})
         losses = []
@@ -184,8 +212,8 @@ def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, l
         history[li] = losses
         chosen = best[1] if best[0] is not None else {n: p.detach() for n, p in params.items()}
         with torch.no_grad():
-            for n, p in chosen.items():
-                getattr(f, n).copy_(p.to(getattr(f, n).dtype))
+            for n, p in selector.layer_params(li).items():
+                p.copy_(chosen[n].to(p.dtype))
     bar.close()
     selector.to(dtype=param.dtype)
     selector.calibration_loss = history
@@ -195,25 +223,6 @@ def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, l
                                  "samples": len(samples), "start_layer": start_layer,
                                  "final_loss": {str(k): v[-1] for k, v in history.items()}})
     return selector
-
-
-def _lowrank_qk(adapter, layer, x, cos, sin, params):
-    """Differentiable low-rank q~/k~ (float32) for calibration."""
-    mod = adapter.lm.layers[layer]
-    attn = mod.self_attn
-    with torch.no_grad():
-        h = mod.input_layernorm(x).float()
-    B, S, _ = h.shape
-    d = adapter.head_dim
-    q = (h @ params["q_a"].T) @ params["q_b"].T
-    k = (h @ params["k_a"].T) @ params["k_b"].T
-    if attn.q_proj.bias is not None:
-        q = q + attn.q_proj.bias.float()
-    if attn.k_proj.bias is not None:
-        k = k + attn.k_proj.bias.float()
-    q = q.view(B, S, -1, d).transpose(1, 2)
-    k = k.view(B, S, -1, d).transpose(1, 2)
-    return hf.apply_rotary(q, cos.float(), sin.float()), hf.apply_rotary(k, cos.float(), sin.float())
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -227,9 +236,11 @@ def add_subcommands(sub) -> None:
     p.add_argument("--data", metavar="FILE.jsonl", help='rows {"image": path, "question": str, ...}')
     p.add_argument("--out", required=True, metavar="DIR", help="where selector.safetensors + selector.json go")
     p.add_argument("--samples", type=int, default=256, help="rows to calibrate on (the paper uses 256)")
-    p.add_argument("--rank", type=int, default=None, help="default: the per-model rank")
+    p.add_argument("--selector-form", choices=["group_rope", "full_width"], default=DEFAULT_FORM,
+                   help="per-KV-group rotary-aware rank-space map (default) or full-width low-rank q/k")
+    p.add_argument("--rank", type=int, default=None, help="default: the form's per-model rank")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 full_width, 0.02 (relative) group_rope")
     p.add_argument("--start-layer", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1, help="rows per calibration batch")
     p.add_argument("--device", default=None)
@@ -263,15 +274,15 @@ def _calibrate(args) -> int:
         batches.append({k: v.to(model.device) for k, v in batch.items()})
     selector = calibrate_alvts(model, batches, rank=args.rank, steps=args.steps, lr=args.lr,
                                start_layer=args.start_layer, out=args.out, progress=not args.no_progress,
-                               seed=args.seed)
+                               seed=args.seed, selector_form=args.selector_form)
     n_eval = min(len(batches), 8)
-    svd = LowRankSelector.from_svd(adapter_for(model), selector.rank, sorted(int(k) for k in selector.layers))
+    svd = type(selector).from_weights(adapter_for(model), selector.rank, sorted(int(k) for k in selector.layers))
     report = {"calibrated": score_error(selector, model, batches[:n_eval]),
               "svd": score_error(svd, model, batches[:n_eval])}
     with open(os.path.join(args.out, "calibration_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    print(f"wrote {args.out}: rank {selector.rank}, {len(rows)} rows; on {n_eval} calibration batches "
+    print(f"wrote {args.out}: {selector.form} rank {selector.rank}, {len(rows)} rows; on {n_eval} calibration batches "
           f"rel. score error SVD {mean(report['svd']['rel_mse']):.3f} -> {mean(report['calibrated']['rel_mse']):.3f}, "
           f"top-11% overlap {mean(report['svd']['topk_overlap']):.3f} -> {mean(report['calibrated']['topk_overlap']):.3f}")
     return 0

@@ -8,7 +8,8 @@ a batch of ``batch`` identical prompts, one image each.
 Counting conventions
 --------------------
 * A multiply-add is 2 FLOPs. Elementwise work (norms, activations, rotary, residual adds) is not
-  counted, except where it is the stage (the ALVTS score's softmax).
+  counted, except FastV's last-token softmax (its whole stage); the exponentials of the ALVTS
+  score are counted separately (``Cost.exps``).
 * Decoder layer, ``n`` tokens: projections ``2 n (H q + 2 H kv + q H)`` (q = heads * head_dim,
   kv = kv_heads * head_dim), SwiGLU MLP ``2 n 3 H I``; attention core ``4 heads head_dim C`` with
   ``C`` the number of (query, key) pairs the layer evaluates: ``n (n + 1) / 2`` for a causal
@@ -27,9 +28,9 @@ Counting conventions
   ``K+1..L-1`` on ``T + k`` tokens; every layer's cache then holds ``T + k`` tokens.
   ``fastv``: layers ``0..K`` on ``T + N``, the last-token score, layers after K on ``T + k``;
   caches: ``T + N`` up to K, ``T + k`` after. ``alvts``: every layer from ``start_layer`` on
-  processes ``T + k`` tokens and first runs the low-rank selector on all ``T + N`` (a fused
-  attention forward + backward whose value-gradient is the score) plus a gather and a scatter of the hidden
-  states. With ``skipped="drop"`` such a layer attends over and caches only the ``T + k``; with
+  processes ``T + k`` tokens and first runs the selector on all ``T + N`` (projections to the
+  rank space, then the fused two-pass score; :func:`selector_layer_cost` per form) plus a gather
+  and a scatter of the hidden states. With ``skipped="drop"`` such a layer attends over and caches only the ``T + k``; with
   ``skipped="context"`` (the method's default) it also projects keys/values of the skipped
   ``N - k`` tokens, its ``T + k`` queries attend over all ``T + N`` (text counted as following
   the image, selected rows spread evenly), and its cache holds ``T + N``.
@@ -54,6 +55,7 @@ __all__ = [
     "kept_count",
     "prefill_floor",
     "lm_layer_cost",
+    "selector_layer_cost",
     "lm_prefill_cost",
     "vision_cost",
     "decode_step_cost",
@@ -67,13 +69,15 @@ __all__ = [
 
 @dataclass
 class Cost:
-    """FLOPs and bytes of one stage. ``flops`` is the sum of the four parts."""
+    """FLOPs and bytes of one stage. ``flops`` is the sum of the four parts; ``exps`` (the
+    exponentials of a softmax the stage evaluates) is counted beside them, not in them."""
 
     proj_flops: float = 0.0
     attn_flops: float = 0.0
     mlp_flops: float = 0.0
     other_flops: float = 0.0
     bytes: float = 0.0
+    exps: float = 0.0
 
     @property
     def flops(self) -> float:
@@ -86,10 +90,12 @@ class Cost:
             self.mlp_flops + other.mlp_flops,
             self.other_flops + other.other_flops,
             self.bytes + other.bytes,
+            self.exps + other.exps,
         )
 
     def scaled(self, k: float) -> "Cost":
-        return Cost(self.proj_flops * k, self.attn_flops * k, self.mlp_flops * k, self.other_flops * k, self.bytes * k)
+        return Cost(self.proj_flops * k, self.attn_flops * k, self.mlp_flops * k, self.other_flops * k, self.bytes * k,
+                    self.exps * k)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -204,12 +210,28 @@ class VIPSpec:
 
 @dataclass(frozen=True)
 class Arch:
+    """A model for the cost model. ``alvts_rank``: the full-width selector's default rank;
+    ``alvts_group_rank``: the per-group selector's (0: derived from ``alvts_rank`` as the method
+    derives it); ``alvts_form``: the selector form a setting without ``selector_form`` runs."""
+
     family: str
     lm: LMSpec
     vision: VisionSpec
     vip: VIPSpec
     alvts_rank: int
     dtype_bytes: int = 2
+    alvts_group_rank: int = 0
+    alvts_form: str = "group_rope"
+
+    def selector_rank(self, form: str) -> int:
+        """Default rank of ALVTS selector form ``form`` on this model."""
+        if form == "full_width":
+            return self.alvts_rank
+        if self.alvts_group_rank:
+            return self.alvts_group_rank
+        from .methods.alvts_selector import group_rope_rank
+
+        return group_rope_rank(self.alvts_rank, self.lm.hidden, self.lm.kv_heads, self.lm.head_dim)
 
     def to_dict(self) -> dict:
         return {
@@ -218,6 +240,8 @@ class Arch:
             "vision": asdict(self.vision),
             "vip": asdict(self.vip),
             "alvts_rank": self.alvts_rank,
+            "alvts_group_rank": self.selector_rank("group_rope"),
+            "alvts_form": self.alvts_form,
             "dtype_bytes": self.dtype_bytes,
             "lm_params": self.lm.params(),
             "vision_params": self.vision.params(),
@@ -250,8 +274,11 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
     vip = VIPSpec(llm_heads=heads, vision_width=vision.width)
     if alvts_rank is None:
         alvts_rank = family.alvts_rank_for(lm.hidden)
+    from .methods.alvts_selector import group_rope_rank
+
     return Arch(family=config.model_type, lm=lm, vision=vision, vip=vip, alvts_rank=alvts_rank,
-                dtype_bytes=dtype_bytes)
+                dtype_bytes=dtype_bytes,
+                alvts_group_rank=group_rope_rank(alvts_rank, lm.hidden, lm.kv_heads, lm.head_dim))
 
 
 # -- prompt layout -----------------------------------------------------------------------
@@ -335,25 +362,43 @@ def _vip_cost(arch: Arch, n_visual: int, K: int, batch: int) -> Cost:
     )
 
 
-def _selector_cost(arch: Arch, n: int, batch: int) -> Cost:
-    """ALVTS selector of one layer on ``n`` tokens on a GPU: low-rank q~/k~, then the score as
-    the value-gradient of one fused causal attention call (``selection_scores(impl="sdpa")``):
-    forward ``q k^T`` and ``P v``, backward ``q k^T`` again, ``dO v^T``, ``P^T dO``, ``dS k``,
-    ``dS^T q`` (seven ``n x n x d`` products per head over the causal half), no ``n x n`` matrix
-    in memory."""
-    lm, R, b = arch.lm, arch.alvts_rank, arch.dtype_bytes
-    lowrank = 2.0 * n * (2 * lm.hidden * R + R * lm.q_width + R * lm.kv_width)
+def selector_layer_cost(arch: Arch, n: int, batch: int = 1, form: str | None = None, rank: int | None = None) -> Cost:
+    """ALVTS selector of one layer on ``n`` tokens per sample, as the method runs it.
+
+    Both forms: the layer's input norm (not counted), projections to the rank space, rotary (not
+    counted), then the fused two-pass score ``causal_attention_received`` over the ``P = n (n+1)/2``
+    causal pairs: pass 1 forms every logit (``2 W`` FLOPs per pair, ``W`` the summed width of the
+    maps) and one exp per pair and softmax for the row statistics; pass 2 forms the logits again
+    and one exp per pair and softmax for the column sums. So ``4 W P`` FLOPs and ``2 M P`` exps,
+    ``M`` the number of softmaxes (maps); no ``n x n`` matrix in memory.
+
+    * ``group_rope``: ``q~ = norm(x) W_q^T + b_q`` and likewise ``k~`` to rank R each
+      (``2 n H 2R``); ``W = R`` (the ``kv_heads`` maps of ``R / kv_heads`` dims), ``M = kv_heads``.
+    * ``full_width``: rank-R factors expanded to every head (``2 n (2 H R + R q + R kv)``, q/kv the
+      query/key widths); ``W = heads * head_dim`` (one logit per query head), ``M = heads``.
+    """
+    lm, b = arch.lm, arch.dtype_bytes
+    form = form or arch.alvts_form
+    R = rank or arch.selector_rank(form)
     pairs = _causal_pairs(n)
-    scores = 7 * 2.0 * lm.heads * lm.head_dim * pairs
-    softmax = 2 * 5.0 * lm.heads * pairs  # exp and row statistics, forward and backward
-    # q, k (repeated to every head), v, out, dO read/written once or twice, dq, dk, dv written.
-    io = 12.0 * n * lm.q_width * b
-    weights = (2 * lm.hidden * R + R * lm.q_width + R * lm.kv_width) * b
+    H = lm.hidden
+    if form == "group_rope":
+        proj_params = 2 * (H * R + R)
+        proj = 2.0 * n * H * 2 * R
+        width, maps, qk_width = R, lm.kv_heads, 2 * R
+    elif form == "full_width":
+        proj_params = 2 * H * R + R * lm.q_width + R * lm.kv_width
+        proj = 2.0 * n * (2 * H * R + R * lm.q_width + R * lm.kv_width)
+        width, maps, qk_width = lm.q_width, lm.heads, lm.q_width + lm.kv_width
+    else:
+        raise ValueError(f"selector form must be 'group_rope' or 'full_width', got {form!r}")
+    # Input read once, q~/k~ written once and read by each pass, the [2, n] sums written.
+    io = n * H * b + 3.0 * n * qk_width * b + 2 * n * 4
     return Cost(
-        proj_flops=batch * lowrank,
-        attn_flops=batch * scores,
-        other_flops=batch * softmax,
-        bytes=weights + batch * (io + 2.0 * n * (lm.q_width + lm.kv_width) * b),
+        proj_flops=batch * proj,
+        attn_flops=batch * 4.0 * width * pairs,
+        exps=batch * 2.0 * maps * pairs,
+        bytes=proj_params * b + batch * io,
     )
 
 
@@ -369,6 +414,8 @@ def lm_prefill_cost(
     batch: int = 1,
     kept: int | None = None,
     skipped: str = "context",
+    selector_form: str | None = None,
+    alvts_rank: int | None = None,
 ) -> dict[str, Cost]:
     """Stages of the language-model prefill (decoder layers and the method's own work; no LM head).
 
@@ -376,6 +423,8 @@ def lm_prefill_cost(
         text, visual: tokens per sample; ``kept``: visual tokens kept (default ``ceil(f N)``).
         method: ``none``, ``glimpse``, ``fastv`` or ``alvts``.
         skipped: ALVTS only, ``"context"`` or ``"drop"`` (see :mod:`token_prune.methods.alvts`).
+        selector_form, alvts_rank: ALVTS only, the selector (default: ``arch``'s form and that
+            form's default rank; :func:`selector_layer_cost`).
     """
     lm, b = arch.lm, arch.dtype_bytes
     L = lm.layers
@@ -411,7 +460,7 @@ def lm_prefill_cost(
         stages = {}
         if s:
             stages["layers_before_start"] = lm_layer_cost(lm, n, _causal_pairs(n), batch, b).scaled(s)
-        stages["select"] = _selector_cost(arch, n, batch).scaled(L - s)
+        stages["select"] = selector_layer_cost(arch, n, batch, selector_form, alvts_rank).scaled(L - s)
         if skipped == "context":
             pairs = k * (visual + 1) / 2.0 + text * visual + _causal_pairs(text)
             layer = lm_layer_cost(lm, m, pairs, batch, b)
@@ -569,6 +618,8 @@ def estimate(
     kept: int | None = None,
     gpu: str | None = None,
     skipped: str = "context",
+    selector_form: str | None = None,
+    alvts_rank: int | None = None,
 ) -> dict:
     """Every number the benchmark prints for one setting (JSON-ready).
 
@@ -580,7 +631,7 @@ def estimate(
     vis = vision_cost(arch, image_hw, batch, tiles=layout.get("tiles"))
     pre = lm_prefill_cost(
         arch, T, N, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, batch=batch, kept=kept,
-        skipped=skipped,
+        skipped=skipped, selector_form=selector_form, alvts_rank=alvts_rank,
     )
     head = lm_head_cost(arch, batch)
     kv = kv_lens(arch, T, N, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, kept=kept,
@@ -593,6 +644,8 @@ def estimate(
         "keep_ratio": keep_ratio,
         "start_layer": start_layer,
         "skipped": skipped if method == "alvts" else None,
+        "selector_form": (selector_form or arch.alvts_form) if method == "alvts" else None,
+        "alvts_rank": (alvts_rank or arch.selector_rank(selector_form or arch.alvts_form)) if method == "alvts" else None,
         "batch": batch,
         "text_tokens": T,
         "visual_tokens": N,
@@ -607,6 +660,7 @@ def estimate(
             "lm_prefill_attn_flops": total(pre).attn_flops,
             "lm_prefill_mlp_flops": total(pre).mlp_flops,
             "lm_prefill_bytes": total(pre).bytes,
+            "lm_prefill_exps": total(pre).exps,
             "ttft_flops": total(vis).flops + total(pre).flops + head.flops,
             "decode_step_flops": total(dec).flops,
             "decode_step_bytes": total(dec).bytes,

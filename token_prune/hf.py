@@ -26,8 +26,9 @@ of :data:`SUPPORTED`; 5.18 to 5.23 behave as 5.17 in every point below):
 * **Outputs.** ``modeling_outputs.BaseModelOutputWithPast`` (cache field ``past_key_values`` up
   to 5.23, ``cache`` from 5.24).
 * **Rotary.** ``language_model.rotary_emb(hidden, position_ids)`` returning ``(cos, sin)``
-  ``[B, S, head_dim]`` (position ids ``[3, B, S]`` for M-RoPE, ``[B, S]`` for 1D), and the
-  ``rotate_half`` convention (halves, not interleaved pairs).
+  ``[B, S, head_dim]`` (position ids ``[3, B, S]`` for M-RoPE, ``[B, S]`` for 1D), entries ``f``
+  and ``f + head_dim/2`` holding the same frequency, and the ``rotate_half`` convention (halves,
+  not interleaved pairs; :func:`rotary_pairs`, :func:`rotate_at_frequencies`).
 * **Model construction.** ``PreTrainedModel._from_config(config, attn_implementation=, dtype=)``.
 * **Helpers.** ``image_processing_utils.select_best_resolution`` (LLaVA-NeXT tiling) and the
   multimodal model's cached ``rope_deltas`` (Qwen M-RoPE decode positions).
@@ -220,6 +221,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def rotary_pairs(rows: torch.Tensor) -> torch.Tensor:
+    """The output rows of a q or k projection that rotary turns together, as complex numbers.
+
+    Under the ``rotate_half`` convention dims ``f`` and ``f + d/2`` of a head rotate as one complex
+    number ``x_f + i x_{f+d/2}`` at frequency ``f``.
+
+    Args:
+        rows: [..., d, in] one head's ``d`` weight rows (real).
+
+    Returns:
+        [..., d/2, in] complex: row f is ``rows[f] + i rows[f + d/2]``.
+    """
+    half = rows.shape[-2] // 2
+    return torch.complex(rows[..., :half, :], rows[..., half:, :])
+
+
+def rotate_at_frequencies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """Rotary in a rank space whose components turn at chosen frequencies of the head's rotary.
+
+    Args:
+        x: [B, S, G, r]: in group g, dims ``j`` and ``r/2 + j`` are the real and imaginary part of
+            a component turning at frequency ``freq[g, j]``.
+        cos, sin: [B, S, head_dim] the layer's rotary tables (entry f < head_dim/2 is frequency f,
+            on whichever M-RoPE axis the model assigns it).
+        freq: [G, r/2] int64 frequencies (< head_dim / 2).
+
+    Returns:
+        [B, S, G, r]: each component multiplied by ``e^{i w_f p}``, as HF's ``apply_rotary``
+        turns dims (f, f + d/2) of a head.
+    """
+    c, s = cos[..., freq], sin[..., freq]  # [B, S, G, r/2]
+    half = x.shape[-1] // 2
+    re, im = x[..., :half], x[..., half:]
+    return torch.cat([re * c - im * s, im * c + re * s], -1)
+
+
 # -- caches ----------------------------------------------------------------------------------
 
 def new_cache(config):
@@ -317,6 +354,7 @@ __all__ = [
     "SUPPORTED", "CACHE_NAMES", "apply_rotary", "attention_function", "attn_implementation", "cache_arg",
     "cache_kwargs", "cache_layers", "cache_update", "call_layer", "causal_mask", "get_cache", "in_supported_range",
     "is_dynamic_cache", "layer_kv", "layer_length", "lm_output", "model_from_config", "new_cache", "output_cache", "pop_cache",
-    "rope_deltas", "rotary", "rotate_half", "select_best_resolution", "set_attn_implementation", "set_layer_kv",
+    "rope_deltas", "rotary", "rotary_pairs", "rotate_at_frequencies", "rotate_half", "select_best_resolution",
+    "set_attn_implementation", "set_layer_kv",
     "transformers_version", "warn_if_untested",
 ]

@@ -151,7 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="settings_cli",
         metavar="METHOD[:k=v,...]",
         help="a setting to measure, repeatable: none | glimpse[:layer=K,keep_ratio=f] | fastv[:layer=K,...] | "
-        "alvts[:keep_ratio=f,start_layer=s,rank=R]; without keep_ratio it is run at every --keep-ratios",
+        "alvts[:keep_ratio=f,start_layer=s,rank=R,selector_form=group_rope|full_width]; without keep_ratio it "
+        "is run at every --keep-ratios",
     )
     g.add_argument(
         "--keep-ratios", type=_csv(float), help="keep fractions for settings that give none (default 0.11,0.25,0.5,1.0)"
@@ -527,6 +528,8 @@ def _cost_only(o: dict, arch: dict, config, log) -> int:
             K=s.options.get("layer"),
             start_layer=s.options.get("start_layer", 0),
             skipped=s.options.get("skipped", "context"),
+            selector_form=s.options.get("selector_form"),
+            alvts_rank=s.options.get("rank"),
             batch=o["batch"],
             decode_tokens=o["decode_tokens"],
             gpu=gpu,

@@ -58,39 +58,25 @@ class Bench:
             self._inputs = {batch: x}
         return x
 
-    def _random_selector(self, rank: int, start: int):
-        key = (rank, start)
+    def _random_selector(self, form: str, rank: int, start: int):
+        key = (form, rank, start)
         if key not in self._selectors:
-            from ..methods.alvts import LowRankSelector
+            from ..methods.alvts_selector import selector_class
 
-            a = self.adapter
             g = torch.Generator(device=self.device).manual_seed(self.o["seed"] + 7)
-            H, d = a.hidden_size, a.head_dim
-
-            def rnd(*shape, std):
-                return (
-                    torch.randn(*shape, generator=g, device=self.device, dtype=torch.float32).mul_(std).to(self.dtype)
-                )
-
-            factors = {
-                l: {
-                    "q_a": rnd(rank, H, std=H**-0.5),
-                    "q_b": rnd(a.num_heads * d, rank, std=rank**-0.5),
-                    "k_a": rnd(rank, H, std=H**-0.5),
-                    "k_b": rnd(a.num_kv_heads * d, rank, std=rank**-0.5),
-                }
-                for l in range(start, a.num_layers)
-            }
-            self._selectors = {key: LowRankSelector(factors, rank)}
-            del factors
+            layers = list(range(start, self.adapter.num_layers))
+            self._selectors = {key: selector_class(form).random(self.adapter, rank, layers, g, self.device, self.dtype)}
         return self._selectors[key]
 
     def patch_options(self, setting: Setting) -> dict:
         opts = dict(setting.options)
         if setting.method == "alvts" and self.o["alvts_selector"] == "random" and "selector" not in opts:
-            rank = opts.get("rank") or self.adapter.default_alvts_rank()
+            from ..methods.alvts_selector import DEFAULT_FORM, default_rank
+
+            form = opts.get("selector_form") or DEFAULT_FORM
+            rank = opts.get("rank") or default_rank(self.adapter, form)
             opts["rank"] = rank
-            opts["selector"] = self._random_selector(rank, opts.get("start_layer", 0))
+            opts["selector"] = self._random_selector(form, rank, opts.get("start_layer", 0))
         return opts
 
     @contextlib.contextmanager
@@ -138,6 +124,8 @@ class Bench:
             K=o.get("layer"),
             start_layer=o.get("start_layer", 0),
             skipped=o.get("skipped", "context"),
+            selector_form=o.get("selector_form"),
+            alvts_rank=o.get("rank"),
             batch=batch,
             decode_tokens=decode_tokens or self.o["decode_tokens"],
             kept=kept,

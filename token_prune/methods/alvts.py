@@ -1,14 +1,18 @@
 """ALVTS: adaptive layer-wise visual token selection (training-free skip-and-merge).
 
-Before every decoder layer from ``start_layer`` on, a low-rank copy of the layer's own query/key
-projections scores all visual tokens; the top ``ceil(keep_ratio * N)`` of each image go through
-the layer with all text tokens, the others skip it (attention and MLP), their hidden state
+Before every decoder layer from ``start_layer`` on, a cheap selector derived from the layer's own
+query/key projections scores all visual tokens; the top ``ceil(keep_ratio * N)`` of each image go
+through the layer with all text tokens, the others skip it (attention and MLP), their hidden state
 passing through unchanged, and both streams are merged back in the original order. All tokens
 stay in the residual stream, so a token skipped at one layer can be selected at the next.
 
 Score of visual token i (per sample, real tokens only, causal like the layer itself):
-``S(i) = mean_j∈visual A[j, i] * mean_j∈text A[j, i]`` with ``A = softmax(q~ k~^T / sqrt(d))``
-averaged over heads, ``q~ = norm(x) A_Q^T B_Q^T + b_Q`` (rotary applied), likewise for k.
+``S(i) = mean_j∈visual A[j, i] * mean_j∈text A[j, i]``, with ``A`` the layer's attention averaged
+over heads in the full-rank score S* (:func:`selection_scores` on the layer's exact q/k). The
+selector approximates it in a rank-R space (:mod:`~token_prune.methods.alvts_selector`: one
+rotary-aware map per KV group by default, or the full-width low-rank q/k), calibrated to S* by
+:func:`~token_prune.alvts_calibration.calibrate_alvts`; its score runs as the fused two-pass op
+``causal_attention_received``.
 
 What a skipped token contributes at a layer it skips is left open by the paper; the ``skipped``
 option picks one of two readings:
@@ -30,141 +34,20 @@ On the package's accuracy benchmark (``bench/results/accuracy_*.md``) the two di
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import weakref
 
 import torch
 
 from .. import _ops, hf, nvtx
 from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores
+from .alvts_selector import (DEFAULT_FORM, FullWidthSelector, GroupRopeSelector, LowRankSelector, check_form,
+                             default_rank, selector_class, svd_factors)
 from .base import PruningMethod, check_fraction, check_int, check_layer, image_sizes
 
-FORMAT = "token_prune.alvts_selector"
-#: ``impl`` of :func:`selection_scores` during a prefill ("auto": fused SDPA on a GPU)
+#: ``impl`` of :func:`selection_scores` (kept for the reference path and its tests)
 PREFILL_SCORES = "auto"
 SKIPPED_MODES = ("context", "drop")
-_SVD_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated-SVD factors of a Linear weight.
-
-    Args:
-        weight: [out, in] (``y = x @ weight.T``).
-        rank: R.
-
-    Returns:
-        (a [R, in], b [out, R]) with ``weight ≈ b @ a``: ``b = U_R S_R^1/2``, ``a = S_R^1/2 V_R^T``.
-    """
-    w = weight.detach().to(torch.float64)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    r = min(rank, s.shape[0])
-    root = s[:r].sqrt()
-    return (root[:, None] * vh[:r]).to(weight.dtype), (u[:, :r] * root[None]).to(weight.dtype)
-
-
-class LowRankSelector(torch.nn.Module):
-    """Per-layer low-rank query/key factors.
-
-    ``factors[l]`` holds ``q_a`` [R, H], ``q_b`` [heads*d, R], ``k_a`` [R, H], ``k_b`` [kv_heads*d, R].
-    """
-
-    def __init__(self, factors: dict[int, dict[str, torch.Tensor]], rank: int):
-        super().__init__()
-        self.rank = rank
-        self.layers = torch.nn.ModuleDict()
-        for layer, f in factors.items():
-            m = torch.nn.Module()
-            for name, t in f.items():
-                m.register_parameter(name, torch.nn.Parameter(t.detach().clone(), requires_grad=False))
-            self.layers[str(layer)] = m
-
-    @classmethod
-    def from_svd(cls, adapter, rank: int, layers: list[int]) -> "LowRankSelector":
-        """SVD factors of each layer's own q/k projections (cached per projection module)."""
-        factors = {}
-        for li in layers:
-            attn = adapter.lm.layers[li].self_attn
-            f = {}
-            for name, proj in (("q", attn.q_proj), ("k", attn.k_proj)):
-                key = (rank, proj.weight._version, proj.weight.data_ptr())
-                hit = _SVD_CACHE.get(proj)
-                if hit is None or hit[0] != key:
-                    hit = (key, svd_factors(proj.weight, rank))
-                    _SVD_CACHE[proj] = hit
-                f[f"{name}_a"], f[f"{name}_b"] = hit[1]
-            factors[li] = f
-        return cls(factors, rank)
-
-    def has(self, layer: int) -> bool:
-        return str(layer) in self.layers
-
-    def qk(self, adapter, layer: int, hidden: torch.Tensor, cos, sin):
-        """Low-rank q~ [B, heads, S, d] and k~ [B, kv_heads, S, d] (rotary applied) of ``hidden`` [B, S, H]."""
-        f = self.layers[str(layer)]
-        mod = adapter.lm.layers[layer]
-        attn = mod.self_attn
-        h = mod.input_layernorm(hidden)
-        B, S, _ = h.shape
-        d = adapter.head_dim
-        q = (h @ f.q_a.T.to(h.dtype)) @ f.q_b.T.to(h.dtype)
-        k = (h @ f.k_a.T.to(h.dtype)) @ f.k_b.T.to(h.dtype)
-        if attn.q_proj.bias is not None:
-            q = q + attn.q_proj.bias
-        if attn.k_proj.bias is not None:
-            k = k + attn.k_proj.bias
-        q = q.view(B, S, -1, d).transpose(1, 2)
-        k = k.view(B, S, -1, d).transpose(1, 2)
-        return hf.apply_rotary(q, cos, sin), hf.apply_rotary(k, cos, sin)
-
-    def save(self, path, meta: dict | None = None) -> None:
-        """Write ``selector.safetensors`` + ``selector.json`` into directory ``path``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        tensors = {f"layers.{l}.{n}": p.detach().contiguous().cpu() for l, m in self.layers.items()
-                   for n, p in m.named_parameters()}
-        save_file(tensors, os.path.join(path, "selector.safetensors"))
-        info = {"format": FORMAT, "version": 1, "rank": self.rank, "layers": sorted(int(k) for k in self.layers)}
-        info.update(meta or {})
-        with open(os.path.join(path, "selector.json"), "w") as f:
-            json.dump(info, f, indent=2)
-
-    @classmethod
-    def load(cls, path) -> tuple["LowRankSelector", dict]:
-        from safetensors.torch import load_file
-
-        path = os.fspath(path)
-        cfg_path = os.path.join(path, "selector.json")
-        w_path = os.path.join(path, "selector.safetensors")
-        for p in (cfg_path, w_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"ALVTS selector: {p} not found (expected a directory written by "
-                                        "calibrate_alvts / LowRankSelector.save)")
-        with open(cfg_path) as f:
-            info = json.load(f)
-        if info.get("format") != FORMAT:
-            raise ValueError(f"ALVTS selector: {cfg_path} is not a {FORMAT} file")
-        tensors = load_file(w_path)
-        factors: dict[int, dict[str, torch.Tensor]] = {}
-        for key, t in tensors.items():
-            _, layer, name = key.split(".")
-            factors.setdefault(int(layer), {})[name] = t
-        return cls(factors, info["rank"]), info
-
-    def check_compatible(self, adapter) -> None:
-        H, d = adapter.hidden_size, adapter.head_dim
-        shapes = {"q_a": (self.rank, H), "k_a": (self.rank, H), "q_b": (adapter.num_heads * d, self.rank),
-                  "k_b": (adapter.num_kv_heads * d, self.rank)}
-        for layer, m in self.layers.items():
-            if int(layer) >= adapter.num_layers:
-                raise ValueError(f"ALVTS selector has layer {layer} but the model has {adapter.num_layers} layers")
-            for name, shape in shapes.items():
-                got = tuple(getattr(m, name).shape)
-                if got != shape:
-                    raise ValueError(f"ALVTS selector layers.{layer}.{name} has shape {got}, the model needs {shape}")
 
 
 def selection_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor,
@@ -282,15 +165,18 @@ def scatter_rows(full: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, 
 
 
 class ALVTS(PruningMethod):
-    """Options: ``keep_ratio`` (0.11), ``rank`` (None: per-model default), ``start_layer`` (0),
-    ``selector`` (None: SVD factors of each layer's q/k; or a directory from
-    :func:`~token_prune.alvts_calibration.calibrate_alvts`), ``skipped`` (``"context"`` or
-    ``"drop"``: what a skipped token is at a layer it skips; see the module docstring)."""
+    """Options: ``keep_ratio`` (0.11), ``rank`` (None: the form's per-model default),
+    ``start_layer`` (0), ``selector`` (None: the SVD start of each layer's q/k; or a directory from
+    :func:`~token_prune.alvts_calibration.calibrate_alvts`, or a selector module),
+    ``selector_form`` (``"group_rope"``, the default, or ``"full_width"``; see
+    :mod:`~token_prune.methods.alvts_selector`; a given selector brings its own form),
+    ``skipped`` (``"context"`` or ``"drop"``: what a skipped token is at a layer it skips; see the
+    module docstring)."""
 
     name = "alvts"
 
     def __init__(self, adapter, *, keep_ratio: float = 0.11, rank: int | None = None, start_layer: int = 0,
-                 selector=None, skipped: str = "context"):
+                 selector=None, selector_form: str | None = None, skipped: str = "context"):
         super().__init__(adapter)
         self.keep_ratio = check_fraction("keep_ratio", keep_ratio, allow_none=False)
         if skipped not in SKIPPED_MODES:
@@ -300,10 +186,15 @@ class ALVTS(PruningMethod):
         self.start_layer = start_layer = check_layer("start_layer", start_layer, n)
         if rank is not None:
             rank = check_int("rank", rank, 1)
+        if selector_form is not None:
+            check_form(selector_form)
         layers = list(range(start_layer, n))
         if selector is None:
-            self.rank = rank or adapter.default_alvts_rank()
-            self.selector = LowRankSelector.from_svd(adapter, self.rank, layers)
+            form = selector_form or DEFAULT_FORM
+            self.rank = rank or default_rank(adapter, form)
+            cls = selector_class(form)
+            cls.check_rank(adapter, self.rank)
+            self.selector = cls.from_weights(adapter, self.rank, layers)
             self.selector_source = "svd"
         else:
             if isinstance(selector, LowRankSelector):
@@ -312,6 +203,8 @@ class ALVTS(PruningMethod):
                 sel, _ = LowRankSelector.load(selector)
             else:
                 raise TypeError(f"selector must be a path, a LowRankSelector or None, got {type(selector).__name__}")
+            if selector_form is not None and selector_form != sel.form:
+                raise ValueError(f"selector_form={selector_form!r} but the selector given is a {sel.form!r} selector")
             sel.check_compatible(adapter)
             if rank is not None and rank != sel.rank:
                 raise ValueError(f"rank={rank} but the selector was calibrated at rank {sel.rank}")
@@ -320,13 +213,14 @@ class ALVTS(PruningMethod):
                 raise ValueError(f"the ALVTS selector has no factors for layers {missing}")
             self.selector, self.rank = sel, sel.rank
             self.selector_source = os.fspath(selector) if not isinstance(selector, LowRankSelector) else "module"
+        self.selector_form = self.selector.form
         param = next(adapter.model.parameters())
-        self.selector.to(device=param.device, dtype=param.dtype)
+        self.selector.to(device=param.device, dtype=param.dtype)  # floating tensors only: freq stays int64
         self.last_processed: list[torch.Tensor] = []
 
     def options(self) -> dict:
         return dict(keep_ratio=self.keep_ratio, rank=self.rank, start_layer=self.start_layer,
-                    selector=self.selector_source, skipped=self.skipped)
+                    selector=self.selector_source, selector_form=self.selector_form, skipped=self.skipped)
 
     def prefill(self, rt, lm, batch, cache, use_cache, kwargs) -> PrefillResult:
         adapter = rt.adapter
@@ -351,9 +245,8 @@ class ALVTS(PruningMethod):
                 processed.append(batch.visual.sum(1))
                 continue
             with nvtx.range("alvts.select"):
-                q, k = self.selector.qk(adapter, i, hidden, cos, sin)
-                scores = selection_scores(q, k, None if batch.mask2d is None else full_valid, batch.visual,
-                                          impl=PREFILL_SCORES)
+                scores = self.selector.scores(adapter, i, hidden, cos, sin,
+                                              None if batch.mask2d is None else full_valid, batch.visual)
                 sel = topk_per_image(scores, batch.visual, sizes, self.keep_ratio)
                 keep = full_valid & (~batch.visual | sel)
             self.last_processed.append(keep)
