@@ -10,7 +10,7 @@ import torch
 
 import token_prune as tp
 from token_prune.alvts_calibration import calibrate_alvts, score_error
-from token_prune.methods.alvts import LowRankSelector
+from token_prune.methods.alvts_selector import FullWidthSelector, GroupRopeSelector, LowRankSelector
 from token_prune.models import adapter_for
 from token_prune.tiny import SampleSpec, make_inputs, tiny_model
 
@@ -34,13 +34,17 @@ def _batches(model, seeds):
     return [make_inputs(model, spec, seed=s) for s in seeds]
 
 
-def test_calibrated_selector_beats_svd_on_held_out_samples(anisotropic_model, tmp_path):
+@pytest.mark.parametrize("form, cls, rank, lr", [("full_width", FullWidthSelector, 4, 3e-3),
+                                                  ("group_rope", GroupRopeSelector, 8, None)])
+def test_calibrated_selector_beats_svd_on_held_out_samples(anisotropic_model, tmp_path, form, cls, rank, lr):
     model = anisotropic_model
     train, held_out = _batches(model, range(6)), _batches(model, range(1000, 1002))
-    svd = LowRankSelector.from_svd(adapter_for(model), 4, list(range(6)))
+    svd = cls.from_weights(adapter_for(model), rank, list(range(6)))
     before = score_error(svd, model, held_out)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    sel = calibrate_alvts(model, train, rank=4, steps=25, lr=3e-3, out=tmp_path / "sel", progress=False)
+    sel = calibrate_alvts(model, train, rank=rank, steps=25, lr=lr, out=tmp_path / "sel", progress=False,
+                          selector_form=form)
+    assert type(sel) is cls
     after = score_error(sel, model, held_out)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(after["rel_mse"]) < 0.8 * mean(before["rel_mse"])
@@ -49,11 +53,23 @@ def test_calibrated_selector_beats_svd_on_held_out_samples(anisotropic_model, tm
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     # saved selector loads and drives the method
     info = json.loads((tmp_path / "sel" / "selector.json").read_text())
-    assert info["rank"] == 4 and info["layers"] == list(range(6))
+    assert info["rank"] == rank and info["layers"] == list(range(6)) and info["form"] == form
+    loaded, _ = LowRankSelector.load(tmp_path / "sel")
+    assert type(loaded) is cls
+    # the saved selector holds the calibrated parameters and scores as the calibrated one
+    want = sel.state_dict()
+    assert sorted(loaded.state_dict()) == sorted(want)
+    assert all(torch.equal(t, want[k]) for k, t in loaded.state_dict().items())
+    torch.testing.assert_close(score_error(loaded, model, held_out[:1], layers=[2])["rel_mse"],
+                               score_error(sel, model, held_out[:1], layers=[2])["rel_mse"], rtol=1e-5, atol=0)
     inputs = held_out[0]
     with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.25, selector=str(tmp_path / "sel")) as h:
-        assert h.options["rank"] == 4
+        assert h.options["rank"] == rank and h.options["selector_form"] == form
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    other = "group_rope" if form == "full_width" else "full_width"
+    with pytest.raises(ValueError, match=f"selector_form='{other}' but the selector given is a '{form}' selector"):
+        tp.patch(model, method="alvts", selector=str(tmp_path / "sel"), selector_form=other)
+    assert tp.get_handle(model) is None
 
 
 def test_calibration_rejects_patched_model_and_bad_selector(anisotropic_model, tmp_path):
@@ -61,11 +77,27 @@ def test_calibration_rejects_patched_model_and_bad_selector(anisotropic_model, t
     with tp.patch(model, method="fastv"):
         with pytest.raises(ValueError, match="unpatched"):
             calibrate_alvts(model, _batches(model, [0]), rank=4, steps=1, progress=False)
-    sel = LowRankSelector.from_svd(adapter_for(model), 4, list(range(6)))
+    sel = FullWidthSelector.from_weights(adapter_for(model), 4, list(range(6)))
     sel.save(tmp_path / "s")
     with pytest.raises(ValueError, match="calibrated at rank 4"):
         tp.patch(model, method="alvts", selector=str(tmp_path / "s"), rank=8)
-    sel2 = LowRankSelector.from_svd(adapter_for(model), 4, [3, 4, 5])
+    sel2 = GroupRopeSelector.from_weights(adapter_for(model), 4, [3, 4, 5])
     with pytest.raises(ValueError, match=r"no factors for layers \[0, 1, 2\]"):
         tp.patch(model, method="alvts", selector=sel2)
     assert tp.get_handle(model) is None
+
+
+def test_version_one_selector_files_load_as_full_width(anisotropic_model, tmp_path):
+    """Directories written before the per-group form (no "form" in selector.json) are full-width."""
+    model = anisotropic_model
+    sel = FullWidthSelector.from_weights(adapter_for(model), 4, list(range(6)))
+    sel.save(tmp_path / "v1")
+    info = json.loads((tmp_path / "v1" / "selector.json").read_text())
+    del info["form"]
+    info["version"] = 1
+    (tmp_path / "v1" / "selector.json").write_text(json.dumps(info))
+    loaded, _ = LowRankSelector.load(tmp_path / "v1")
+    assert type(loaded) is FullWidthSelector
+    want = sel.state_dict()
+    assert sorted(loaded.state_dict()) == sorted(want)
+    assert all(torch.equal(t, want[k]) for k, t in loaded.state_dict().items())

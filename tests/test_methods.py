@@ -64,11 +64,13 @@ def test_fastv_scores_are_last_token_attention(family):
     assert set(top.tolist()) == set(torch.nonzero(keep[visual]).flatten().tolist())
 
 
-@pytest.mark.parametrize("skipped", ["drop", "context"])
-@pytest.mark.parametrize("start_layer", [0, 3])
-def test_alvts_matches_masked_reference(family, start_layer, skipped):
+@pytest.mark.parametrize("start_layer, skipped, form", [
+    (0, "drop", "group_rope"), (0, "context", "group_rope"), (3, "drop", "group_rope"), (3, "context", "group_rope"),
+    (0, "context", "full_width"), (3, "drop", "full_width")])
+def test_alvts_matches_masked_reference(family, start_layer, skipped, form):
     """ALVTS == the unpatched model whose skipped rows pass each layer unchanged and whose
-    layers see only the processed tokens ("drop") or every token ("context")."""
+    layers see only the processed tokens ("drop") or every token ("context"), for the
+    per-group selector (default) and the full-width one."""
     _, spec, model = family
     inputs = _inputs(spec, model, 4)
     L = model.config.text_config.num_hidden_layers
@@ -77,7 +79,8 @@ def test_alvts_matches_masked_reference(family, start_layer, skipped):
     if spec.get("prefill_position"):
         extra["position_ids"] = spec["prefill_position"](model, inputs["attention_mask"])
     with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.25, start_layer=start_layer,
-                                   skipped=skipped) as h:
+                                   skipped=skipped, selector_form=form) as h:
+        assert h.options["selector_form"] == form
         out = model(**inputs, **extra)
         processed = [p.clone() for p in h.method.last_processed]
         stats = h.stats
@@ -153,23 +156,25 @@ def test_fused_selection_scores_match_the_chunked_softmax(dtype, tol):
                                rtol=tol, atol=0)
 
 
-def test_alvts_with_fused_scores_matches_reference(monkeypatch):
-    """The whole patched model with the fused score (the GPU default) forced on the CPU."""
-    from token_prune.methods import alvts
+@pytest.mark.parametrize("form", ["group_rope", "full_width"])
+def test_alvts_scores_with_the_op_and_the_reference_select_the_same(form):
+    """The whole patched model with the score from the fused op (the default) and from the plain
+    PyTorch reference (kernels off) processes the same tokens and equals the masked oracle."""
+    from token_prune import _ops
 
-    monkeypatch.setattr(alvts, "PREFILL_SCORES", "sdpa")
     spec = MODELS["llava"]
     model = spec["build"](torch.float64, 8)
     inputs = spec["inputs"](model, spec["samples"](), seed=2)
     valid = inputs["attention_mask"].bool()
     L = model.config.text_config.num_hidden_layers
-    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.3) as h:
-        out = model(**inputs, position_ids=spec["prefill_position"](model, inputs["attention_mask"]))
+    pos = spec["prefill_position"](model, inputs["attention_mask"])
+    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.3, selector_form=form) as h:
+        out = model(**inputs, position_ids=pos)
         processed = [p.clone() for p in h.method.last_processed]
         tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-    monkeypatch.setattr(alvts, "PREFILL_SCORES", "chunked")
-    with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.3) as h:
-        model(**inputs, position_ids=spec["prefill_position"](model, inputs["attention_mask"]))
+    with torch.no_grad(), _ops.use_kernels(False), tp.patch(model, method="alvts", keep_ratio=0.3,
+                                                            selector_form=form) as h:
+        model(**inputs, position_ids=pos)
         assert all(torch.equal(a, b) for a, b in zip(processed, h.method.last_processed))
     ref, first = masked_generate(model, inputs, 4, [valid] * L, [valid] * L,
                                  skip_rows=[valid & ~p for p in processed], decode_position=spec["decode_position"],
@@ -190,11 +195,11 @@ def _image_sizes(inputs, model, b):
     return sizes
 
 
-def test_alvts_score_matches_full_rank_oracle_at_full_rank(family):
-    """With rank = hidden size the SVD factors are exact, so the selector reproduces the
-    oracle score computed from the unpatched model's eager attention probabilities."""
+def test_full_width_score_matches_full_rank_oracle_at_full_rank(family):
+    """With rank = hidden size the SVD factors are exact, so the full-width selector reproduces
+    the oracle score computed from the unpatched model's eager attention probabilities."""
     from token_prune.alvts_calibration import layer_inputs as _layer_inputs
-    from token_prune.methods.alvts import LowRankSelector, selection_scores
+    from token_prune.methods.alvts import FullWidthSelector, selection_scores
     from token_prune.models import adapter_for
 
     name, spec, _ = family
@@ -206,7 +211,7 @@ def test_alvts_score_matches_full_rank_oracle_at_full_rank(family):
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
         x, (cos, sin) = _layer_inputs(model, adapter, inputs, layer)
-        selector = LowRankSelector.from_svd(adapter, H, [layer])
+        selector = FullWidthSelector.from_weights(adapter, H, [layer])
         q, k = selector.qk(adapter, layer, x, cos, sin)
         visual = inputs["input_ids"] == model.config.image_token_id
         valid = inputs["attention_mask"].bool()
@@ -215,6 +220,52 @@ def test_alvts_score_matches_full_rank_oracle_at_full_rank(family):
     vis, txt = visual[0], ~visual[0]
     oracle = A[vis].mean(0) * A[txt].mean(0)
     torch.testing.assert_close(got[0][vis], oracle[vis], rtol=1e-5, atol=1e-9)
+
+
+def _group_summed_score(q, k, valid, visual, d):
+    """ALVTS's score with one softmax per KV group over the mean of its heads' logits, as an
+    explicit float64 [S, S] softmax per sample (q [B, heads, S, d], k [B, kv_heads, S, d])."""
+    B, h, S, _ = q.shape
+    g = k.shape[1]
+    logits = torch.einsum("bgrqd,bgkd->bgqk", q.double().view(B, g, h // g, S, d), k.double()) / (h // g) / d ** 0.5
+    pos = torch.arange(S)
+    allowed = valid[:, None, None, :] & (pos[None, :] <= pos[:, None])[None, None]
+    probs = torch.nan_to_num(logits.masked_fill(~allowed, float("-inf")).softmax(-1)).mean(1)  # [B, S, S]
+    vis_q, txt_q = (visual & valid).double(), (~visual & valid).double()
+    from_vis = (probs * vis_q[:, :, None]).sum(1) / vis_q.sum(1, keepdim=True)
+    from_txt = (probs * txt_q[:, :, None]).sum(1) / txt_q.sum(1, keepdim=True)
+    return from_vis * from_txt
+
+
+def test_group_rope_score_at_full_rank_is_the_exact_group_summed_score(family):
+    """At rank kv_heads * head_dim the per-group rotary-aware map is exact: its score (rank-space
+    projections, rotary at each component's frequency, the fused op) equals the score of the
+    layer's own q/k summed over each group's heads (explicit float64 softmax), on every layer,
+    with padding, M-RoPE or 1D rotary. Below full rank it is not exact but still close."""
+    from token_prune.alvts_calibration import layer_inputs as _layer_inputs
+    from token_prune.methods.alvts_selector import GroupRopeSelector
+    from token_prune.models import adapter_for
+
+    name, spec, model = family
+    inputs = _inputs(spec, model, 6)
+    adapter = adapter_for(model)
+    full = adapter.num_kv_heads * adapter.head_dim
+    visual = inputs["input_ids"] == model.config.image_token_id
+    valid = inputs["attention_mask"].bool()
+    m = visual & valid
+    for layer in range(adapter.num_layers):
+        with torch.no_grad():
+            x, (cos, sin) = _layer_inputs(model, adapter, inputs, layer)
+            q, k = adapter.project_qk(layer, x, cos, sin)
+            want = _group_summed_score(q.cpu(), k.cpu(), valid.cpu(), visual.cpu(), adapter.head_dim)
+            exact = GroupRopeSelector.from_weights(adapter, full, [layer])
+            got = exact.scores(adapter, layer, x, cos, sin, valid, visual).cpu()
+            half = GroupRopeSelector.from_weights(adapter, full // 2, [layer])
+            approx = half.scores(adapter, layer, x, cos, sin, valid, visual).cpu()
+        torch.testing.assert_close(got[m.cpu()], want[m.cpu()], rtol=1e-10, atol=0)
+        assert not torch.allclose(approx[m.cpu()], want[m.cpu()], rtol=1e-6, atol=0)
+        rel = ((approx - want)[m.cpu()] ** 2).mean() / (want[m.cpu()] ** 2).mean()
+        assert rel < 1.0
 
 
 @pytest.mark.parametrize("method, kwargs, exc, match", [
@@ -227,6 +278,10 @@ def test_alvts_score_matches_full_rank_oracle_at_full_rank(family):
     ("alvts", dict(selector=3.5), TypeError, "selector must be a path"),
     ("alvts", dict(selector="/nonexistent/dir"), FileNotFoundError, "selector.json"),
     ("alvts", dict(skipped="nothing"), ValueError, "skipped must be one of"),
+    ("alvts", dict(selector_form="shared"), ValueError, "selector_form must be one of"),
+    ("alvts", dict(selector_form=1), TypeError, "selector_form must be a string"),
+    ("alvts", dict(rank=6), ValueError, "multiple of 2 \\* kv_heads = 4"),
+    ("alvts", dict(rank=36), ValueError, "up to kv_heads \\* head_dim = 32"),
 ])
 def test_bad_options(family, method, kwargs, exc, match):
     _, _, model = family
