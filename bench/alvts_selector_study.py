@@ -329,7 +329,7 @@ def evaluate(forms_scores, data, idx):
 
 
 def study_model(name, model, samples, layers, ranks, calib_ranks, steps, lr, log):
-    from token_prune.methods.alvts import LowRankSelector
+    from token_prune.methods.alvts_selector import FullWidthSelector
 
     model = model.double()
     samples = [{k: v.double() if v.is_floating_point() else v for k, v in s.items()} for s in samples]
@@ -377,7 +377,7 @@ def study_model(name, model, samples, layers, ranks, calib_ranks, steps, lr, log
             fns[(form, r, "svd")] = (lambda i, fac=fac, per_map=per_map:
                                      score_of(*rank_qk(fac, *data[i][:3]), *data[i][3:5], 1 / (math.sqrt(d) * per_map)))
         for r in ranks:
-            sel = LowRankSelector.from_svd(adapter, r, [li])
+            sel = FullWidthSelector.from_weights(adapter, r, [li])
             fns[("full_width", r, "svd")] = (lambda i, sel=sel: score_of(
                 *sel.qk(adapter, li, captured[i][li][0], *captured[i][li][1:]), *data[i][3:5], 1 / math.sqrt(d)))
         for (form, r), (fac, per_map) in forms.items():

@@ -207,6 +207,11 @@ def test_eval_accuracy_end_to_end_writes_json_md_png(trained, tmp_path):
     by = {r["key"]: r for r in data["results"]}
     assert len(data["git_sha"]) == 40 and data["torch"] == torch.__version__  # provenance of the figures
     assert by["alvts_cal_drop@0.111"]["options"]["skipped"] == "drop"
+    # the default per-group selector and the full-width one beside it, each calibrated
+    assert by["alvts_cal@0.111"]["options"]["selector_form"] == "group_rope"
+    assert by["alvts_fw_cal@0.111"]["options"]["selector_form"] == "full_width"
+    assert by["alvts_fw_cal@0.111"]["options"]["selector"] == "calibrated" and by["alvts_fw_cal@0.111"]["status"] == "ok"
+    assert by["alvts_fullrank_drop@0.111"]["options"]["skipped"] == "drop"
     assert by["unpatched"]["keep_ratio"] == 1.0 and by["unpatched"]["box_hit"] == 1.0
     assert 0.0 <= by["random@0.111"]["box_hit"] <= 1.0 and by["alvts_fullrank@0.111"]["status"] == "ok"
     for r in data["results"]:

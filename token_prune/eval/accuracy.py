@@ -93,33 +93,44 @@ def _prepare_vip(model, proc, preset: Preset, seed: int, ckpt: str, layer: int, 
     return vdir, note
 
 
-def _prepare_alvts(model, proc, preset: Preset, seed: int, ckpt: str, log, progress: bool, retrain: bool):
+def _prepare_alvts(model, proc, preset: Preset, seed: int, ckpt: str, log, progress: bool, retrain: bool,
+                   form: str = "group_rope"):
+    """Directory of the ALVTS selector of ``form`` calibrated on val-split samples (cached in
+    ``ckpt/alvts_selector`` for the default form, ``ckpt/alvts_selector_<form>`` otherwise)."""
     from ..alvts_calibration import calibrate_alvts
+    from ..methods.alvts_selector import DEFAULT_FORM, default_rank
+    from ..models import adapter_for
 
     e = preset.eval
-    sdir = os.path.join(ckpt, "alvts_selector")
-    want = dict(samples=e.alvts_samples, steps=e.alvts_steps, batch_size=e.alvts_batch_size, seed=seed)
+    sdir = os.path.join(ckpt, "alvts_selector" if form == DEFAULT_FORM else f"alvts_selector_{form}")
+    rank = default_rank(adapter_for(model), form)
+    want = dict(samples=e.alvts_samples, steps=e.alvts_steps, batch_size=e.alvts_batch_size, seed=seed, form=form,
+                rank=rank)
     stamp = os.path.join(sdir, "accuracy_alvts.json")
     if not retrain and os.path.isfile(stamp):
         with open(stamp) as f:
             if json.load(f).get("args") == want:
                 log(f"using the ALVTS selector in {sdir}")
                 return sdir
-    log(f"calibrating ALVTS on {e.alvts_samples} val-split samples, {e.alvts_steps} steps per layer")
+    log(f"calibrating the ALVTS {form} selector (rank {rank}) on {e.alvts_samples} val-split samples, "
+        f"{e.alvts_steps} steps per layer")
     device = next(model.parameters()).device
     cal = [make_sample(preset.task, seed, i, "val") for i in range(e.alvts_samples)]
     batches = [_to(proc.batch(cal[i:i + e.alvts_batch_size], with_answer=False), device)
                for i in range(0, len(cal), e.alvts_batch_size)]
     t0 = time.perf_counter()
-    calibrate_alvts(model, batches, steps=e.alvts_steps, out=sdir, progress=progress, seed=seed)
+    calibrate_alvts(model, batches, rank=rank, steps=e.alvts_steps, out=sdir, progress=progress, seed=seed,
+                    selector_form=form)
     with open(stamp, "w") as f:
         json.dump(dict(args=want, seconds=round(time.perf_counter() - t0, 1)), f, indent=2)
     return sdir
 
 
 def _settings(preset: Preset, keep_ratios, vips: dict, selector_dir, methods=None,
-              hidden: int | None = None) -> list[dict]:
-    """The rows to evaluate. ``vips``: K -> (VIP dir or None, note); the first K is the main one."""
+              hidden: int | None = None, full_width_dir=None) -> list[dict]:
+    """The rows to evaluate. ``vips``: K -> (VIP dir or None, note); the first K is the main one.
+    ``selector_dir``: the calibrated default (per-group) ALVTS selector; ``full_width_dir``: the
+    calibrated full-width one, reported beside it."""
     e = preset.eval
     rows = [dict(key="unpatched", label="unpatched", method=None, options={}, target=1.0)]
     layers = list(vips)
@@ -137,20 +148,32 @@ def _settings(preset: Preset, keep_ratios, vips: dict, selector_dir, methods=Non
                              method="glimpse", options=dict(vip=vdir, threshold=0.5, layer=K), target=None,
                              note=note))
     # ALVTS under both readings of a skipped token (methods/alvts.py): "context" (default: still a
-    # key/value for the others) and "drop" (invisible at that layer; smaller caches).
+    # key/value for the others) and "drop" (invisible at that layer; smaller caches); the default
+    # per-group selector, and the full-width one beside it.
     for skipped, tag in (("context", ""), ("drop", "_drop")):
         for r in keep_ratios:
-            rows.append(dict(key=f"alvts_cal{tag}@{r}", label=f"ALVTS (calibrated, {skipped})", method="alvts",
-                             options=dict(keep_ratio=r, selector=selector_dir, skipped=skipped), target=r))
+            rows.append(dict(key=f"alvts_cal{tag}@{r}", label=f"ALVTS group_rope (calibrated, {skipped})",
+                             method="alvts", options=dict(keep_ratio=r, selector=selector_dir, skipped=skipped),
+                             target=r))
         for r in keep_ratios:
-            rows.append(dict(key=f"alvts_svd{tag}@{r}", label=f"ALVTS (SVD only, {skipped})", method="alvts",
-                             options=dict(keep_ratio=r, skipped=skipped), target=r))
-    # Diagnostics of the "drop" reading: what the low rank costs (exact q/k), and what selecting at
-    # layer 0 costs.
+            rows.append(dict(key=f"alvts_svd{tag}@{r}", label=f"ALVTS group_rope (SVD only, {skipped})",
+                             method="alvts", options=dict(keep_ratio=r, skipped=skipped), target=r))
+        if skipped == "context":
+            for r in keep_ratios:
+                rows.append(dict(key=f"alvts_fw_cal@{r}", label="ALVTS full_width (calibrated, context)",
+                                 method="alvts", options=dict(keep_ratio=r, selector=full_width_dir,
+                                                              selector_form="full_width"), target=r))
+            for r in keep_ratios:
+                rows.append(dict(key=f"alvts_fw_svd@{r}", label="ALVTS full_width (SVD only, context)",
+                                 method="alvts", options=dict(keep_ratio=r, selector_form="full_width"), target=r))
+    # Diagnostics: what the low rank costs (exact per-head q/k: the full-rank score itself), and
+    # what selecting at layer 0 costs under "drop".
     if hidden:
-        for r in keep_ratios:
-            rows.append(dict(key=f"alvts_fullrank@{r}", label="ALVTS drop, full-rank q/k (diagnostic)",
-                             method="alvts", options=dict(keep_ratio=r, rank=hidden, skipped="drop"), target=r))
+        for skipped, tag in (("context", ""), ("drop", "_drop")):
+            for r in keep_ratios:
+                rows.append(dict(key=f"alvts_fullrank{tag}@{r}", method="alvts", target=r,
+                                 label=f"ALVTS {skipped}, full-rank q/k (diagnostic)",
+                                 options=dict(keep_ratio=r, rank=hidden, selector_form="full_width", skipped=skipped)))
     for r in keep_ratios:
         rows.append(dict(key=f"alvts_cal_from1@{r}", label="ALVTS drop, calibrated, layer 0 unpruned (diagnostic)",
                          method="alvts", options=dict(keep_ratio=r, selector=selector_dir, start_layer=1,
@@ -211,9 +234,13 @@ def eval_accuracy(checkpoint, *, out_dir="bench/results", name: str | None = Non
     if "glimpse" in want:
         for K in [main_k] + [k for k in e.extra_vip_layers if k != main_k]:
             vips[K] = _prepare_vip(model, proc, preset, seed, os.fspath(checkpoint), K, log, progress, retrain)
-    selector_dir = _prepare_alvts(model, proc, preset, seed, os.fspath(checkpoint), log, progress, retrain) \
-        if "alvts" in want else None
-    settings = _settings(preset, keep_ratios, vips, selector_dir, methods, hidden=model.config.text_config.hidden_size)
+    selector_dir = full_width_dir = None
+    if "alvts" in want:
+        selector_dir = _prepare_alvts(model, proc, preset, seed, os.fspath(checkpoint), log, progress, retrain)
+        full_width_dir = _prepare_alvts(model, proc, preset, seed, os.fspath(checkpoint), log, progress, retrain,
+                                        form="full_width")
+    settings = _settings(preset, keep_ratios, vips, selector_dir, methods, hidden=model.config.text_config.hidden_size,
+                         full_width_dir=full_width_dir)
 
     results = []
     full_acc = None
