@@ -151,3 +151,25 @@ def test_the_static_check_can_fail(tmp_path):
     bad.write_text("from transformers.cache_utils import DynamicCache\nx = layer(h, past_key_values=c)\n")
     names = {t.string for t in _code_tokens(bad) if t.type == tokenize.NAME}
     assert {"cache_utils", "DynamicCache", "past_key_values"} <= names & INTERNAL_NAMES
+
+
+def test_rank_space_rotary_turns_each_component_as_the_head_rotary_turns_its_frequency():
+    """A rank space holding every frequency once (freq = 0..d/2-1, real parts then imaginary) is
+    a head in HF's layout: rotate_at_frequencies equals apply_rotary there; with frequencies
+    chosen out of order each component turns as the head's dims (f, f + d/2) do."""
+    g = torch.Generator().manual_seed(0)
+    B, S, G, d = 2, 7, 3, 8
+    angles = torch.rand(B, S, d // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    x = torch.randn(B, S, G, d, generator=g, dtype=torch.float64)
+    every = torch.arange(d // 2).repeat(G, 1)
+    want = hf.apply_rotary(x.transpose(1, 2), cos, sin).transpose(1, 2)
+    torch.testing.assert_close(hf.rotate_at_frequencies(x, cos, sin, every), want, rtol=1e-14, atol=1e-14)
+    picked = torch.tensor([[3, 0], [1, 1], [2, 3]])  # [G, 2]: two components per group
+    y = torch.randn(B, S, G, 4, generator=g, dtype=torch.float64)
+    got = hf.rotate_at_frequencies(y, cos, sin, picked)
+    z = torch.complex(y[..., :2], y[..., 2:]) * torch.polar(torch.ones(()).double(), angles[..., picked])
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1), rtol=1e-14, atol=1e-14)
+    w = torch.randn(G, d, 5, generator=g, dtype=torch.float64)
+    c = hf.rotary_pairs(w)
+    assert c.shape == (G, d // 2, 5) and torch.equal(c.real, w[:, : d // 2]) and torch.equal(c.imag, w[:, d // 2:])
