@@ -45,8 +45,6 @@ from .alvts_selector import (DEFAULT_FORM, FullWidthSelector, GroupRopeSelector,
                              default_rank, selector_class, svd_factors)
 from .base import PruningMethod, check_fraction, check_int, check_layer, image_sizes
 
-#: ``impl`` of :func:`selection_scores` (kept for the reference path and its tests)
-PREFILL_SCORES = "auto"
 SKIPPED_MODES = ("context", "drop")
 
 
