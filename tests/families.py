@@ -63,6 +63,11 @@ FAMILIES = {
                samples=lambda: [SampleSpec(images=((112, 56),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((56, 112), (60, 60)), prefix_len=5, suffix_len=4)],
                decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(112, 112)),
+        Family("internvl",
+               # 3x2 tiles + thumbnail; one tile; 1x3 tiles + thumbnail
+               samples=lambda: [SampleSpec(images=((64, 96),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((32, 32), (96, 32)), prefix_len=5, suffix_len=4)],
+               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(64, 64)),
     ]
 }
 

@@ -28,7 +28,7 @@ import torch
 
 from . import _ops, hf, nvtx
 from .instance_patch import WrappedMethod
-from .vision_capture import VisionCaptures
+from .vision_capture import VisionCaptures, layout_sizes
 from .reference import keep_mask_ref
 
 if TYPE_CHECKING:
@@ -429,9 +429,12 @@ class Runtime:
                     raise NotImplementedError(
                         f"token_prune: pruning needs a DynamicCache (got {type(cache).__name__}, e.g. from "
                         "cache_implementation='static'); use the default dynamic cache")
-                ctx.vision_features, ctx.image_grids, ctx.image_sizes = self.captures.take(
-                    visual, input_ids=ctx.input_ids, mask=ctx.attention_mask,
-                    required=bool(self.method.vision_layers()))
+                feats, layout, sizes = self.captures.take(visual, input_ids=ctx.input_ids, mask=ctx.attention_mask,
+                                                          required=bool(self.method.vision_layers()))
+                if layout is not None:
+                    feats, layout = self.adapter.resolve_layout(feats, layout, visual)
+                    sizes = layout_sizes(layout)
+                ctx.vision_features, ctx.image_grids, ctx.image_sizes = feats, layout, sizes
                 ctx.extra["pruned"] = True
                 return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, cache,
                                             inputs_embeds, use_cache, visual, kwargs)

@@ -128,7 +128,8 @@ def select_sample(model, inputs: dict, b: int) -> dict:
         tok = model.config.image_token_id
         counts = [_image_runs(row, tok) for row in inputs["input_ids"]]
         if counts[b]:
-            out.update(adapter_class(model.config.model_type).pixel_rows(inputs, sum(counts[:b]), counts[b]))
+            out.update(adapter_class(model.config.model_type).pixel_rows(inputs, sum(counts[:b]), counts[b],
+                                                                            config=model.config))
     return out
 
 

@@ -7,6 +7,7 @@ model, the tiny models and the tests) finds a family through this registry.
 from __future__ import annotations
 
 from .base import ModelAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 
@@ -14,6 +15,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     Qwen2_5_VLAdapter.model_type: Qwen2_5_VLAdapter,
     LlavaAdapter.model_type: LlavaAdapter,
     LlavaNextAdapter.model_type: LlavaNextAdapter,
+    InternVLAdapter.model_type: InternVLAdapter,
 }
 
 #: the family the command line's tiny models and demos use when none is named

@@ -210,7 +210,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         return dict(pixel_values=p, image_grid_thw=torch.tensor([[1, gh, gw]])), gh * gw // (m * m)
 
     @classmethod
-    def pixel_rows(cls, inputs, first, count):
+    def pixel_rows(cls, inputs, first, count, config=None):
         grid = inputs["image_grid_thw"]
         patches = grid.prod(-1).tolist()
         p0 = sum(patches[:first])
