@@ -68,6 +68,11 @@ FAMILIES = {
                samples=lambda: [SampleSpec(images=((64, 96),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((32, 32), (96, 32)), prefix_len=5, suffix_len=4)],
                decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(64, 64)),
+        Family("llava_onevision",
+               # a 2x2 canvas shrunk by anyres_max; a wide canvas, unpadded; one tile
+               samples=lambda: [SampleSpec(images=((112, 112),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((60, 150), (56, 56)), prefix_len=5, suffix_len=4)],
+               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(112, 56)),
     ]
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import ModelAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -16,6 +17,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     LlavaAdapter.model_type: LlavaAdapter,
     LlavaNextAdapter.model_type: LlavaNextAdapter,
     InternVLAdapter.model_type: InternVLAdapter,
+    LlavaOnevisionAdapter.model_type: LlavaOnevisionAdapter,
 }
 
 #: the family the command line's tiny models and demos use when none is named
