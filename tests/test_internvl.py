@@ -130,7 +130,11 @@ def test_conditions_line_up_with_the_projector_input():
     model = tiny_model("internvl", dtype=torch.float64, seed=4)
     inputs = make_inputs(model, [SampleSpec(images=((64, 96),)), SampleSpec(images=((32, 32), (96, 32)))], seed=5)
     seen_in = {}
-    hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen_in.setdefault("x", a[0]))
+
+    def pre(module, args):
+        seen_in["x"] = args[0]
+
+    hook = model.model.multi_modal_projector.register_forward_pre_hook(pre)
     handle = tp.patch(model, method="glimpse", keep_ratio=0.5, layer=2)
     assert handle.method.vision_layers()[0] == model.config.vision_config.num_hidden_layers
     seen = spy_layout(handle)

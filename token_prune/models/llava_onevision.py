@@ -152,7 +152,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     @classmethod
     def tiny_config(cls, num_hidden_layers: int = 6, hidden_size: int = 64, num_attention_heads: int = 4,
                     num_key_value_heads: int = 2, vision_layers: int = 4, vocab_size: int = 128,
-                    image_size: int = 56, patch_size: int = 14, vision_aspect_ratio: str = "anyres_max_2"):
+                    image_size: int = 56, patch_size: int = 14, vision_aspect_ratio: str = "anyres_max_2",
+                    projector_hidden_act: str = "gelu"):
         """A tiny LLaVA-OneVision: a 4-layer SigLIP on 56-px tiles of 14-px patches (4x4 tokens),
         anyres over canvases of 1..3 x 1..3 tiles (OneVision's 384-px pinpoints scaled to 56 px), a
         cap of 2 tiles (``anyres_max_2``, so a 2x2 canvas is shrunk) and a 6-layer Qwen2 with GQA."""
@@ -173,7 +174,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                     image_token_index=TINY_IDS["image_token_id"],
                                     video_token_index=TINY_IDS["video_token_id"], image_grid_pinpoints=pins,
                                     vision_aspect_ratio=vision_aspect_ratio, vision_feature_layer=-1,
-                                    vision_feature_select_strategy="full")
+                                    vision_feature_select_strategy="full", projector_hidden_act=projector_hidden_act)
 
     @classmethod
     def demo_images(cls):
