@@ -334,8 +334,9 @@ class ModelAdapter:
 
     @classmethod
     def qkv_bias(cls, config) -> bool:
-        """Whether the decoder's q/k/v projections have biases."""
-        return bool(getattr(config.text_config, "attention_bias", False))
+        """Whether the decoder's q/k/v projections have biases (a Qwen2 decoder always has them)."""
+        tc = config.text_config
+        return tc.model_type == "qwen2" or bool(getattr(tc, "attention_bias", False))
 
 
 

@@ -324,12 +324,7 @@ class InternVLAdapter(LlavaAdapter):
         return VisionSpec(kind="internvit", depth=vc.num_hidden_layers, width=vc.hidden_size,
                           heads=vc.num_attention_heads, intermediate=vc.intermediate_size, patch=patch,
                           in_channels=vc.num_channels, out=config.text_config.hidden_size, image_size=size,
-                          merge=cls.shuffle_factor(config))
-
-    @classmethod
-    def qkv_bias(cls, config):
-        tc = config.text_config
-        return tc.model_type == "qwen2" or bool(getattr(tc, "attention_bias", False))
+                          merge=cls.shuffle_factor(config), qkv_bias=bool(vc.attention_bias))
 
 
 __all__ = ["InternVLAdapter", "optimal_canvas", "canvas_from_colours", "image_positions", "tile_count"]

@@ -22,7 +22,7 @@ tower feature belongs to it); each image one VIP attention segment.
 
 Vision conditions: the tower's ``hidden_states`` indexed as for LLaVA (0 = the embeddings); the
 default spreads four over the depth, the deepest being the one the model projects
-(``vision_feature_layer = -1``): 27, 20, 13, 6 for the 27-layer SigLIP-so400m. The glimpse map is
+(``vision_feature_layer = -1``): 26, 19, 12, 5 for the 26 SigLIP-so400m layers OneVision keeps. The glimpse map is
 raw scaled logits: no GlimpsePrune setting is published for OneVision, and logits are the form of
 the public code's setups on Qwen-family decoders (Qwen2.5-VL, and InternVL2.5). K and the ALVTS
 rank take the relative defaults (18 of 28 layers and 224 for the 7B).
@@ -72,7 +72,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     # -- vision side -----------------------------------------------------------------------
     def default_vision_layers(self):
-        """hidden_states indices 27, 20, 13, 6 for a 27-layer tower (the deepest is the one the
+        """hidden_states indices 26, 19, 12, 5 for a 26-layer tower (the deepest is the one the
         model projects); the same spread for other depths."""
         return super(LlavaAdapter, self).default_vision_layers()
 
@@ -175,6 +175,17 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                     video_token_index=TINY_IDS["video_token_id"], image_grid_pinpoints=pins,
                                     vision_aspect_ratio=vision_aspect_ratio, vision_feature_layer=-1,
                                     vision_feature_select_strategy="full", projector_hidden_act=projector_hidden_act)
+
+    @classmethod
+    def cost_vision_spec(cls, config):
+        from ..costmodel import VisionSpec
+
+        vc = config.vision_config
+        pins = tuple(tuple(p) for p in config.image_grid_pinpoints)
+        return VisionSpec(kind="siglip", depth=vc.num_hidden_layers, width=vc.hidden_size, heads=vc.num_attention_heads,
+                          intermediate=vc.intermediate_size, patch=vc.patch_size, in_channels=vc.num_channels,
+                          out=config.text_config.hidden_size, image_size=vc.image_size, grid_pinpoints=pins,
+                          head=bool(getattr(vc, "vision_use_head", True)))
 
     @classmethod
     def demo_images(cls):
