@@ -34,6 +34,10 @@ class Family:
     prefill_position: Callable | None = None
     #: a single image the family takes (tests that need one image of a valid size)
     image: tuple[int, int] = (64, 64)
+    #: an image the processor encodes as one row of ``pixel_values`` (None: ``image`` is one);
+    #: transformers 5.17 repeats pixel_values row by row for beams, which scrambles the tiles of
+    #: an image whose tiles are rows (InternVL), patched or not
+    one_row_image: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)
 
     def build(self, dtype=torch.float32, seed: int = 0, attn: str = "sdpa", **overrides):
@@ -67,7 +71,8 @@ FAMILIES = {
                # 3x2 tiles + thumbnail; one tile; 1x3 tiles + thumbnail
                samples=lambda: [SampleSpec(images=((64, 96),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((32, 32), (96, 32)), prefix_len=5, suffix_len=4)],
-               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(64, 64)),
+               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(64, 64),
+               one_row_image=(32, 32)),
         Family("llava_onevision",
                # a 2x2 canvas shrunk by anyres_max; a wide canvas, unpadded; one tile
                samples=lambda: [SampleSpec(images=((112, 112),), prefix_len=3, suffix_len=6),
