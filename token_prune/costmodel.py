@@ -166,14 +166,18 @@ class VisionSpec:
     merge: int = 2
     window: int = 112  # pixels
     fullatt: tuple[int, ...] = ()
+    #: block MLP: ``swiglu`` (gate, up, down) or ``gelu`` (fc1, fc2); norms ``rms`` or ``layer``
+    mlp: str = "swiglu"
+    norm: str = "rms"
     # clip
     image_size: int = 336
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     def block_params(self) -> int:
         w, I = self.width, self.intermediate
-        if self.kind == "qwen_vit":  # qkv + proj with biases, SwiGLU with biases, two RMSNorms
-            return (3 * w * w + 3 * w) + (w * w + w) + 3 * w * I + 2 * I + w + 2 * w
+        if self.kind == "qwen_vit":  # qkv + proj with biases, the MLP with biases, two norms
+            mlp = 3 * w * I + 2 * I + w if self.mlp == "swiglu" else 2 * w * I + I + w
+            return (3 * w * w + 3 * w) + (w * w + w) + mlp + (2 if self.norm == "rms" else 4) * w
         return (4 * w * w + 4 * w) + (2 * w * I + I + w) + 4 * w  # CLIP: q,k,v,o; fc1, fc2; two LayerNorms
 
     def params(self) -> int:

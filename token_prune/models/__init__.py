@@ -9,11 +9,16 @@ from __future__ import annotations
 from .base import ModelAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     Qwen2_5_VLAdapter.model_type: Qwen2_5_VLAdapter,
     LlavaAdapter.model_type: LlavaAdapter,
     LlavaNextAdapter.model_type: LlavaNextAdapter,
+    Qwen2VLAdapter.model_type: Qwen2VLAdapter,
+    Qwen3VLAdapter.model_type: Qwen3VLAdapter,
+    Qwen3VLMoeAdapter.model_type: Qwen3VLMoeAdapter,
 }
 
 #: the family the command line's tiny models and demos use when none is named
