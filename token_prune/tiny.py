@@ -121,22 +121,32 @@ def make_inputs(model, samples: list[SampleSpec], seed: int = 0, device=None, po
     return out
 
 
-def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_after: int) -> dict:
+def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_after: int,
+                  video_frames: int | None = None) -> dict:
     """Token counts of a one-image prompt as :func:`make_inputs` builds it for ``SampleSpec(
-    images=(image_hw,), prefix_len=text_before, suffix_len=text_after)``, from the config alone.
+    images=(image_hw,), prefix_len=text_before, suffix_len=text_after)``, from the config alone;
+    with ``video_frames``, of a one-video prompt (``videos=((video_frames, *image_hw),)``).
 
     Returns ``{"text": T, "visual": N, "prompt": T + N}`` plus what the vision tower processes
-    (``"vision_patches"`` or ``"tiles"``).
+    (``"vision_patches"`` or ``"tiles"``; a video: over all frames, and ``"frame_groups"``).
     """
     family = adapter_class(config.model_type)
     h, w = image_hw
-    n = family.image_tokens(config, h, w)
-    parts = [("text", [0] * text_before), ("image", n)]
+    if video_frames:
+        groups = family.video_tokens(config, video_frames, h, w)
+        n = sum(groups)
+        parts = [("text", [0] * text_before), ("video", groups)]
+        units = {k: v * len(groups) for k, v in family.vision_units(config, h, w).items()}
+        units["frame_groups"] = len(groups)
+    else:
+        n = family.image_tokens(config, h, w)
+        parts = [("text", [0] * text_before), ("image", n)]
+        units = family.vision_units(config, h, w)
     if family.image_separator_tokens:
         parts.append(("text", [0] * family.image_separator_tokens))
     parts.append(("text", [0] * text_after))
     ids, _ = family.prompt_tokens(config, parts)
-    return {"text": len(ids) - n, "visual": n, "prompt": len(ids), **family.vision_units(config, h, w)}
+    return {"text": len(ids) - n, "visual": n, "prompt": len(ids), **units}
 
 
 def _image_runs(ids: torch.Tensor, image_token_id: int) -> int:

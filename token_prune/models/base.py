@@ -350,6 +350,11 @@ class ModelAdapter:
         """Whether the decoder's q/k/v projections have biases."""
         return bool(getattr(config.text_config, "attention_bias", False))
 
+    @classmethod
+    def head_norms(cls, config) -> bool:
+        """Whether the decoder normalises queries and keys per head (``q_norm`` / ``k_norm``)."""
+        return False
+
 
 
 def head_norm(attn: torch.nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
