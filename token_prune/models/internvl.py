@@ -201,11 +201,11 @@ class InternVLAdapter(LlavaAdapter):
         grid = torch.tensor([[g, g]], dtype=torch.long).expand(n_tiles, 2).clone()
         return feats + [colours], grid
 
-    def resolve_layout(self, feats, layout, visual):
+    def resolve_layout(self, feats, layout, items, item_kinds, kinds):
         *conds, colours = feats
         g = self.tokens_per_side
         per_tile = g * g
-        runs = visual_runs(visual)
+        runs = visual_runs(kinds > 0)
         if sum(runs) != colours.shape[0] or any(n % per_tile for n in runs):
             raise RuntimeError(f"token_prune: the prompt's image runs {runs} do not split the {colours.shape[0]} "
                                f"tokens of the vision pass into tiles of {per_tile}")
@@ -220,7 +220,7 @@ class InternVLAdapter(LlavaAdapter):
             positions.append(image_positions(rows, cols, g))
             start += n
         pos = torch.cat(positions) if positions else torch.zeros(0, 2, dtype=torch.long)
-        return conds, (pos.to(colours.device), runs)
+        return conds, (pos.to(colours.device), runs), runs, ["image"] * len(runs)
 
     # -- the family without a model ---------------------------------------------------------
     @classmethod
