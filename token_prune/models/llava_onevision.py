@@ -158,7 +158,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         bilinear ``interpolate`` to ``ceil(side / 2)`` per side), frames one after another, then a
         zero condition for the video's closing newline; one VIP segment per frame (the newline
         closes the last one, one past its last row's last column); one keep-rule item per video."""
-        videos, frames = call_args["pixel_values_videos"].shape[:2]
+        # [videos, frames, 3, size, size]; the argument is named `pixel_values` in transformers 5.17
+        pixels = call_args.get("pixel_values_videos")
+        videos, frames = (pixels if pixels is not None else call_args["pixel_values"]).shape[:2]
         side, p = self.tokens_per_side, self.pooled_side(self.model.config)
         feats = []
         for h in hidden:
@@ -175,10 +177,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     @classmethod
     def video_tokens(cls, config, frames: int, height: int, width: int) -> list[int]:
-        """Visual tokens of a ``frames``-frame video (frames pooled to a grid, one newline at the end);
-        the frame size does not matter, the processor resizes every frame to one tile."""
+        """Visual tokens of each frame of a ``frames``-frame video (each pooled to a grid; the
+        video's one newline counted with the last frame); the frame size does not matter, the
+        processor resizes every frame to one tile."""
         p = cls.pooled_side(config)
-        return [frames * p * p + 1]
+        return [p * p] * (frames - 1) + [p * p + 1]
 
     @classmethod
     def random_video_pixels(cls, config, videos, generator, device, dtype):
