@@ -34,13 +34,13 @@ class Family:
     prefill_position: Callable | None = None
     #: a single image the family takes (tests that need one image of a valid size)
     image: tuple[int, int] = (64, 64)
+    #: prompts of the contract batch with videos (sample 0 an image, sample 1 a video and then an
+    #: image), for families that take videos; the contract runs a second time on them
+    video_samples: Callable[[], list[SampleSpec]] | None = None
     #: an image the processor encodes as one row of ``pixel_values`` (None: ``image`` is one);
     #: transformers 5.17 repeats pixel_values row by row for beams, which scrambles the tiles of
     #: an image whose tiles are rows (InternVL), patched or not
     one_row_image: tuple[int, int] | None = None
-    #: prompts of the contract batch with videos (sample 0 an image, sample 1 a video and then an
-    #: image), for families that take videos; the contract runs a second time on them
-    video_samples: Callable[[], list[SampleSpec]] | None = None
     extra: dict = field(default_factory=dict)
 
     def with_videos(self) -> "Family":

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import token_prune as tp
 from families import FAMILIES
 from reference_model import deepstack_rows, masked_generate
 from test_contract import oracle_rules
+
+import token_prune as tp
 from token_prune.models import adapter_for
 from token_prune.models.qwen3_vl import Qwen3VLAdapter
 

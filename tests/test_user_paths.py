@@ -108,7 +108,7 @@ def test_gradients_reach_the_layers_before_k(fam, mid):
     method, opts = _method(mid)
     inputs = make_inputs(model, row.samples(), seed=3)
     L = model.config.text_config.num_hidden_layers
-    weight = model.model.language_model.layers[0].mlp.down_proj.weight
+    weight = model.model.language_model.layers[0].self_attn.o_proj.weight  # (an MoE layer has no one MLP)
     with tp.patch(model, method=method, **opts) as handle:
         out = model(**inputs, use_cache=False, **row.prompt_positions(model, inputs))
         (got,) = torch.autograd.grad(out.logits[:, -1].square().sum(), weight)

@@ -12,11 +12,11 @@ import math
 
 import pytest
 import torch
-
-import token_prune as tp
 from families import FAMILIES
 from reference_model import masked_generate
 from test_contract import oracle_rules
+
+import token_prune as tp
 from token_prune.models import adapter_class
 from token_prune.tiny import SampleSpec, make_inputs
 

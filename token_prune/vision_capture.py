@@ -161,8 +161,8 @@ def _assemble(rows: list[list[int]], sources: dict[int, VisionPass]) -> VisionPa
         if grid_layout:
             grids.append(lay)
         else:
-            if isinstance(lay, torch.Tensor):
-                from .vip import positions_from_grid  # a grid pass next to a positions pass
+            if isinstance(lay, torch.Tensor):  # a grid pass next to a positions pass
+                from .vip import positions_from_grid
 
                 lay = (positions_from_grid(lay), layout_sizes(lay))
             positions.append(lay[0])

@@ -284,11 +284,36 @@ class ModelAdapter:
 
     @classmethod
     def prompt_tokens(cls, config, parts: list) -> tuple[list[int], list[int]]:
-        """Token ids and ``mm_token_type_ids`` (0 text, 1 image) of a prompt.
+        """Token ids and ``mm_token_type_ids`` (0 text, 1 image, 2 video) of a prompt.
 
         Args:
-            parts: ``("text", [ids])`` and ``("image", n_tokens)`` items in prompt order.
+            parts: ``("text", [ids])``, ``("image", n_tokens)`` and (families that take videos)
+                ``("video", tokens per temporal group)`` items in prompt order.
         """
+        raise NotImplementedError
+
+    # Videos (families with ``supports_video``): what the tiny prompts, ``select_sample`` and the
+    # benchmark's video setting need.
+    @classmethod
+    def video_tokens(cls, config, frames: int, height: int, width: int) -> list[int]:
+        """Visual tokens of each temporal group of a ``frames x height x width`` video."""
+        raise NotImplementedError(f"{cls.display_name or cls.model_type} takes no videos")
+
+    @classmethod
+    def random_video_pixels(cls, config, videos: list[tuple[int, int, int]], generator: torch.Generator, device,
+                            dtype) -> dict:
+        """Video inputs (``pixel_values_videos`` and the family's size tensors) for random videos of
+        the given (frames, height, width), in prompt order."""
+        raise NotImplementedError(f"{cls.display_name or cls.model_type} takes no videos")
+
+    @classmethod
+    def video_rows(cls, inputs: dict, first: int, count: int) -> dict:
+        """The video inputs of videos ``first .. first+count-1`` (prompt order) of a batch."""
+        raise NotImplementedError
+
+    @classmethod
+    def video_sizes(cls, config, inputs: dict) -> list[int]:
+        """Visual tokens of each video of a batch's inputs, in prompt order."""
         raise NotImplementedError
 
     @classmethod
