@@ -18,7 +18,7 @@ import torch
 
 from .api import get_handle
 from .methods.alvts import topk_per_image
-from .methods.alvts_selector import (DEFAULT_FORM, LowRankSelector, check_form, default_rank, received_score,
+from .methods.alvts_selector import (LowRankSelector, check_form, default_form, default_rank, received_score,
                                      selector_class)
 from .methods.base import image_sizes
 from .models import DEFAULT_MODEL, adapter_for, supported_models
@@ -57,7 +57,7 @@ def _masks(model, inputs):
     ids = inputs["input_ids"]
     valid = inputs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
-    visual = ids == model.config.image_token_id
+    visual = adapter_for(model).visual_mask(input_ids=ids)
     return valid, visual
 
 
@@ -105,7 +105,7 @@ def _rel_mse(got, oracle, visual):
 def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, lr: float | None = None,
                     start_layer: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
                     seed: int = 0, proj_weight: float = 0.5, val_fraction: float = 0.25,
-                    selector_form: str = DEFAULT_FORM) -> LowRankSelector:
+                    selector_form: str | None = None) -> LowRankSelector:
     """Fit the ALVTS selector of every layer to the full-rank score (model frozen).
 
     Starts from the SVD start of the form (:meth:`LowRankSelector.from_weights`) and minimises,
@@ -126,7 +126,8 @@ def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, l
             mean magnitude for ``group_rope``).
         start_layer: first layer to calibrate (layers before it are never pruned by ALVTS).
         out: directory to save the selector to (``selector.safetensors`` + ``selector.json``).
-        selector_form: ``"group_rope"`` (default) or ``"full_width"``.
+        selector_form: ``"group_rope"`` or ``"full_width"`` (default: the model's default form,
+            :func:`~token_prune.methods.alvts_selector.default_form`).
 
     Returns:
         The calibrated selector (:class:`~token_prune.methods.alvts_selector.GroupRopeSelector`
@@ -134,12 +135,12 @@ def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, l
     """
     from tqdm.auto import tqdm
 
-    form = check_form(selector_form)
     if get_handle(model) is not None:
         raise ValueError("calibrate_alvts needs the unpatched model: remove the patch first")
     if not samples:
         raise ValueError("calibrate_alvts needs at least one sample")
     adapter = adapter_for(model)
+    form = check_form(selector_form) if selector_form is not None else default_form(adapter)
     cls = selector_class(form)
     rank = rank or default_rank(adapter, form)
     cls.check_rank(adapter, rank)
@@ -236,8 +237,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--data", metavar="FILE.jsonl", help='rows {"image": path, "question": str, ...}')
     p.add_argument("--out", required=True, metavar="DIR", help="where selector.safetensors + selector.json go")
     p.add_argument("--samples", type=int, default=256, help="rows to calibrate on (the paper uses 256)")
-    p.add_argument("--selector-form", choices=["group_rope", "full_width"], default=DEFAULT_FORM,
-                   help="per-KV-group rotary-aware rank-space map (default) or full-width low-rank q/k")
+    p.add_argument("--selector-form", choices=["group_rope", "full_width"], default=None,
+                   help="per-KV-group rotary-aware rank-space map (the default where the decoder allows it) or "
+                        "full-width low-rank q/k")
     p.add_argument("--rank", type=int, default=None, help="default: the form's per-model rank")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 full_width, 0.02 (relative) group_rope")

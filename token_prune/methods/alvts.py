@@ -40,8 +40,8 @@ import os
 import torch
 
 from .. import _ops, hf, nvtx
-from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores
-from .alvts_selector import (DEFAULT_FORM, FullWidthSelector, GroupRopeSelector, LowRankSelector, check_form,
+from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores, sample_stats
+from .alvts_selector import (FullWidthSelector, GroupRopeSelector, LowRankSelector, check_form, default_form,
                              default_rank, selector_class, svd_factors)
 from .base import PruningMethod, check_fraction, check_int, check_layer, image_sizes
 
@@ -166,7 +166,8 @@ class ALVTS(PruningMethod):
     """Options: ``keep_ratio`` (0.11), ``rank`` (None: the form's per-model default),
     ``start_layer`` (0), ``selector`` (None: the SVD start of each layer's q/k; or a directory from
     :func:`~token_prune.alvts_calibration.calibrate_alvts`, or a selector module),
-    ``selector_form`` (``"group_rope"``, the default, or ``"full_width"``; see
+    ``selector_form`` (``"group_rope"``, the default, or ``"full_width"``, the default on decoders
+    with per-head q/k norms; see
     :mod:`~token_prune.methods.alvts_selector`; a given selector brings its own form),
     ``skipped`` (``"context"`` or ``"drop"``: what a skipped token is at a layer it skips; see the
     module docstring)."""
@@ -188,7 +189,7 @@ class ALVTS(PruningMethod):
             check_form(selector_form)
         layers = list(range(start_layer, n))
         if selector is None:
-            form = selector_form or DEFAULT_FORM
+            form = selector_form or default_form(adapter)
             self.rank = rank or default_rank(adapter, form)
             cls = selector_class(form)
             cls.check_rank(adapter, self.rank)
@@ -238,6 +239,7 @@ class ALVTS(PruningMethod):
                 self.last_processed.append(full_valid.clone())
                 hidden = hf.call_layer(layer, hidden, mask=full_mask, rope=(cos, sin), text_pos=batch.text_pos,
                                        cache=cache, use_cache=use_cache, **kwargs)
+                hidden = batch.add_deepstack(i, hidden)
                 owned = True
                 layer_masks.append(full_valid.long())
                 processed.append(batch.visual.sum(1))
@@ -265,17 +267,19 @@ class ALVTS(PruningMethod):
             with nvtx.range("alvts.merge"):
                 hidden = scatter_rows(hidden, out, sub.index, inplace=owned)
                 owned = True
+                # The deepstack row belongs to the token: a token that skipped the layer gets it too.
+                hidden = batch.add_deepstack(i, hidden)
             if not context:
                 layer_masks.append(sub.valid.long())
             processed.append(sel.sum(1))
         batch.hidden = hidden
         per_layer = torch.stack(processed, 1).tolist()  # [B, layers]
-        stats = []
-        for b in range(hidden.shape[0]):
-            n = int(batch.visual[b].sum())
-            stats.append({"prompt_len": int(full_valid[b].sum()), "visual_tokens": n, "kept_tokens": n,
-                          "keep_ratio": 1.0, "visual_processed": per_layer[b],
-                          "processed_ratio": [p / n if n else 1.0 for p in per_layer[b]]})
+        # Nothing leaves the sequence: every item keeps all its tokens; what varies is per layer.
+        every = torch.ones(int(batch.visual.sum()), dtype=torch.bool)
+        stats = sample_stats(batch, every, sizes, rt.ctx.item_kinds)
+        for b, s in enumerate(stats):
+            n = s["visual_tokens"]
+            s.update(visual_processed=per_layer[b], processed_ratio=[p / n if n else 1.0 for p in per_layer[b]])
         if context:
             layer_masks = None  # every layer's cache holds the whole prompt: one shared decode mask
         return PrefillResult(hidden, batch, stats, layer_masks)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops, hf
+from ..models.base import head_norm
 from ..reference import causal_attention_received_ref
 
 FORMAT = "token_prune.alvts_selector"
@@ -274,8 +275,8 @@ class FullWidthSelector(LowRankSelector):
             q = q + attn.q_proj.bias.to(dt)
         if attn.k_proj.bias is not None:
             k = k + attn.k_proj.bias.to(dt)
-        q = q.view(B, S, -1, d).transpose(1, 2)
-        k = k.view(B, S, -1, d).transpose(1, 2)
+        q = head_norm(attn, "q", q.view(B, S, -1, d)).to(dt).transpose(1, 2)
+        k = head_norm(attn, "k", k.view(B, S, -1, d)).to(dt).transpose(1, 2)
         cos, sin = cos.to(dt), sin.to(dt)
         return hf.apply_rotary(q, cos, sin), hf.apply_rotary(k, cos, sin)
 
@@ -293,6 +294,9 @@ class GroupRopeSelector(LowRankSelector):
 
     @classmethod
     def check_rank(cls, adapter, rank: int) -> None:
+        if has_head_norms(adapter):
+            raise ValueError("selector_form='group_rope' needs q and k linear in the layer's input, but this "
+                             "decoder normalises them per head (q_norm / k_norm); use selector_form='full_width'")
         g, exact = adapter.num_kv_heads, adapter.num_kv_heads * adapter.head_dim
         if rank % (2 * g) or rank > exact:
             raise ValueError(f"rank={rank} does not fit the group_rope selector of this model: it needs a multiple of "
@@ -399,6 +403,18 @@ def selector_class(form: str) -> type[LowRankSelector]:
     return {"group_rope": GroupRopeSelector, "full_width": FullWidthSelector}[check_form(form)]
 
 
+def has_head_norms(adapter) -> bool:
+    """Whether the model's decoder normalises queries and keys per head (then q.k is not a
+    bilinear map of the layer's input and the per-group form does not apply)."""
+    return bool(adapter.head_norms(adapter.model.config))
+
+
+def default_form(adapter) -> str:
+    """The selector form a model gets when none is asked for: ``group_rope``, or ``full_width``
+    on decoders with per-head q/k norms."""
+    return "full_width" if has_head_norms(adapter) else DEFAULT_FORM
+
+
 def default_rank(adapter, form: str) -> int:
     """The rank a form uses on this model when none is given."""
     family_rank = adapter.default_alvts_rank()
@@ -408,4 +424,4 @@ def default_rank(adapter, form: str) -> int:
 
 
 __all__ = ["SELECTOR_FORMS", "DEFAULT_FORM", "LowRankSelector", "FullWidthSelector", "GroupRopeSelector",
-           "check_form", "default_rank", "group_rope_rank", "received_score", "selector_class", "svd_factors"]
+           "check_form", "default_form", "default_rank", "group_rope_rank", "has_head_norms", "received_score", "selector_class", "svd_factors"]

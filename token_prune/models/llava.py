@@ -99,6 +99,8 @@ class LlavaAdapter(ModelAdapter):
     # Public GlimpsePrune settings: LLaVA-1.5-7B K=21 of 32, 13B K=26 of 40 (0-indexed).
     glimpse_layers = {32: 21, 40: 26}
     glimpse_score = "log_softmax"
+    #: the only ``vision_feature_select_strategy`` the feature capture supports
+    feature_strategy = "default"
 
     def __init__(self, model):
         super().__init__(model)
@@ -108,11 +110,11 @@ class LlavaAdapter(ModelAdapter):
                 f"token_prune: {self.model_type} with a {type(tower).__name__} vision tower is not supported "
                 "(a CLIP-style tower with encoder.layers is expected)"
             )
-        strategy = getattr(model.config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
+        strategy = getattr(model.config, "vision_feature_select_strategy", self.feature_strategy)
+        if strategy != self.feature_strategy:
             raise NotImplementedError(
                 f"token_prune: {self.model_type} with vision_feature_select_strategy={strategy!r} is not supported "
-                "(only 'default', which drops CLIP's CLS token, as released LLaVA checkpoints do)"
+                f"(only {self.feature_strategy!r}, as the released checkpoints of the family use)"
             )
 
     # -- structure -------------------------------------------------------------------------
@@ -187,6 +189,10 @@ class LlavaAdapter(ModelAdapter):
         side = self.tokens_per_side
         return torch.tensor([[side, side]], dtype=torch.long).expand(n_tiles, 2).clone()
 
+    def vision_record(self, feats: list[torch.Tensor], n_tiles: int, call_args: dict) -> tuple[list, object]:
+        """(features, layout) handed to the runtime for one ``get_image_features`` call."""
+        return feats, self.layout(n_tiles, call_args)
+
     def install_vision_hooks(self, runtime, layers):
         clip = self.clip_layers()
         depth = len(clip)
@@ -216,34 +222,49 @@ class LlavaAdapter(ModelAdapter):
         for v in sorted(set(layers) - {0}):
             hooks.append(forward_hook(clip[v - 1], output_hook(v)))
 
-        sig = inspect.signature(self.outer.get_image_features)
+        sigs = {name: inspect.signature(getattr(self.outer, name)) for name in self.vision_entry_points()}
         adapter = self
 
-        def get_image_features(orig, outer, *args, **kwargs):
-            bound = sig.bind_partial(*args, **kwargs)
-            call_args = dict(bound.arguments)
-            call_args.update(call_args.pop("kwargs", {}) or {})
-            strategy = call_args.get("vision_feature_select_strategy")
-            if strategy is not None and strategy != "default":
-                raise NotImplementedError(
-                    f"token_prune: vision_feature_select_strategy={strategy!r} is not supported (only 'default')")
-            captured.clear()
-            tiles[0] = None
-            active[0] = True
-            try:
-                out = orig(*args, **kwargs)
-            finally:
-                active[0] = False
-            if tiles[0] is not None and all(v in captured for v in layers):
-                feats = [adapter.arrange(captured[v], call_args) for v in layers]
-                runtime.add_vision_capture(feats, adapter.layout(tiles[0], call_args))
-            captured.clear()
-            return out
+        def capture_during(name, record):
+            sig = sigs[name]
 
-        # The features are read where the model asks for them: generate encodes the images
-        # before its first forward, outside any forward of the language model.
-        runtime.wrap_method(self.outer, "get_image_features", get_image_features)
+            def wrapper(orig, outer, *args, **kwargs):
+                bound = sig.bind_partial(*args, **kwargs)
+                call_args = dict(bound.arguments)
+                call_args.update(call_args.pop("kwargs", {}) or {})
+                strategy = call_args.get("vision_feature_select_strategy")
+                if strategy is not None and strategy != adapter.feature_strategy:
+                    raise NotImplementedError(f"token_prune: vision_feature_select_strategy={strategy!r} is not "
+                                              f"supported (only {adapter.feature_strategy!r})")
+                captured.clear()
+                tiles[0] = None
+                active[0] = True
+                try:
+                    out = orig(*args, **kwargs)
+                finally:
+                    active[0] = False
+                if tiles[0] is not None and all(v in captured for v in layers):
+                    runtime.add_vision_capture(*record([captured[v] for v in layers], tiles[0], call_args))
+                captured.clear()
+                return out
+            return wrapper
+
+        # The features are read where the model asks for them: generate encodes the images (and
+        # videos) before its first forward, outside any forward of the language model.
+        for name, record in self.vision_entry_points().items():
+            runtime.wrap_method(self.outer, name, capture_during(name, record))
         return hooks
+
+    def vision_entry_points(self) -> dict:
+        """The outer model's encoder methods whose tower passes are recorded, each with the
+        function ``(hidden states per vision layer, tiles, call arguments) -> add_vision_capture
+        arguments`` that turns a pass into features and a layout."""
+        return {"get_image_features": self.image_record}
+
+    def image_record(self, hidden: list[torch.Tensor], n_tiles: int, call_args: dict) -> tuple:
+        """An image pass: tower hidden states [tiles, tokens, C] per vision layer -> (features
+        [N, C] per layer in prompt order, layout)."""
+        return self.vision_record([self.arrange(h, call_args) for h in hidden], n_tiles, call_args)
 
     # -- the family without a model ---------------------------------------------------------
     @classmethod
@@ -273,7 +294,7 @@ class LlavaAdapter(ModelAdapter):
         return dict(pixel_values=pil_to_tensor(image.resize((side, side)))[None]), cls.image_tokens(config, 0, 0)
 
     @classmethod
-    def pixel_rows(cls, inputs, first, count):
+    def pixel_rows(cls, inputs, first, count, config=None):
         # One pixel_values (and image_sizes) row per image, in prompt order.
         return {k: inputs[k][first:first + count] for k in ("pixel_values", "image_sizes") if k in inputs}
 
