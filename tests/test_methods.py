@@ -78,9 +78,13 @@ def test_alvts_matches_masked_reference(family, start_layer, skipped, form):
     extra = {}
     if spec.get("prefill_position"):
         extra["position_ids"] = spec["prefill_position"](model, inputs["attention_mask"])
+    if form == "group_rope" and _head_norms(model):
+        with pytest.raises(ValueError, match="normalises them per head"):
+            tp.patch(model, method="alvts", selector_form=form)
+        form = None  # the family's default form (full_width there) must still match the oracle
     with torch.no_grad(), tp.patch(model, method="alvts", keep_ratio=0.25, start_layer=start_layer,
                                    skipped=skipped, selector_form=form) as h:
-        assert h.options["selector_form"] == form
+        assert h.options["selector_form"] == (form or "full_width")
         out = model(**inputs, **extra)
         processed = [p.clone() for p in h.method.last_processed]
         stats = h.stats
@@ -183,6 +187,13 @@ def test_alvts_scores_with_the_op_and_the_reference_select_the_same(form):
     assert torch.equal(tokens, ref)
 
 
+def _head_norms(model) -> bool:
+    from token_prune.methods.alvts_selector import has_head_norms
+    from token_prune.models import adapter_for
+
+    return has_head_norms(adapter_for(model))
+
+
 def _image_sizes(inputs, model, b):
     ids = inputs["input_ids"][b].tolist()
     sizes, run = [], 0
@@ -250,6 +261,10 @@ def test_group_rope_score_at_full_rank_is_the_exact_group_summed_score(family):
     inputs = _inputs(spec, model, 6)
     adapter = adapter_for(model)
     full = adapter.num_kv_heads * adapter.head_dim
+    if _head_norms(model):  # q/k normalised per head: no bilinear map to factor, the form refuses
+        with pytest.raises(ValueError, match="normalises them per head"):
+            GroupRopeSelector.from_weights(adapter, full, [0])
+        return
     visual = inputs["input_ids"] == model.config.image_token_id
     valid = inputs["attention_mask"].bool()
     m = visual & valid
@@ -280,8 +295,10 @@ def test_group_rope_score_at_full_rank_is_the_exact_group_summed_score(family):
     ("alvts", dict(skipped="nothing"), ValueError, "skipped must be one of"),
     ("alvts", dict(selector_form="shared"), ValueError, "selector_form must be one of"),
     ("alvts", dict(selector_form=1), TypeError, "selector_form must be a string"),
-    ("alvts", dict(rank=6), ValueError, "multiple of 2 \\* kv_heads = 4"),
-    ("alvts", dict(rank=36), ValueError, "up to kv_heads \\* head_dim = 32"),
+    ("alvts", dict(rank=3, selector_form="group_rope"), ValueError,
+     r"multiple of 2 \* kv_heads = \d+|normalises them per head"),
+    ("alvts", dict(rank=10_000, selector_form="group_rope"), ValueError,
+     r"up to kv_heads \* head_dim = \d+ \(the exact group score\)|normalises them per head"),
 ])
 def test_bad_options(family, method, kwargs, exc, match):
     _, _, model = family
