@@ -463,43 +463,13 @@ def _vip_cost(arch: Arch, n_visual: int, K: int, batch: int) -> Cost:
 
 
 def selector_layer_cost(arch: Arch, n: int, batch: int = 1, form: str | None = None, rank: int | None = None) -> Cost:
-    """ALVTS selector of one layer on ``n`` tokens per sample, as the method runs it.
+    """ALVTS selector of one layer on ``n`` tokens per sample, as the method runs it (default: the
+    arch's form and that form's rank); the count lives beside the selector,
+    :func:`token_prune.methods.alvts_selector.layer_cost`."""
+    from .methods.alvts_selector import layer_cost
 
-    Both forms: the layer's input norm (not counted), projections to the rank space, rotary (not
-    counted), then the fused two-pass score ``causal_attention_received`` over the ``P = n (n+1)/2``
-    causal pairs: pass 1 forms every logit (``2 W`` FLOPs per pair, ``W`` the summed width of the
-    maps) and one exp per pair and softmax for the row statistics; pass 2 forms the logits again
-    and one exp per pair and softmax for the column sums. So ``4 W P`` FLOPs and ``2 M P`` exps,
-    ``M`` the number of softmaxes (maps); no ``n x n`` matrix in memory.
-
-    * ``group_rope``: ``q~ = norm(x) W_q^T + b_q`` and likewise ``k~`` to rank R each
-      (``2 n H 2R``); ``W = R`` (the ``kv_heads`` maps of ``R / kv_heads`` dims), ``M = kv_heads``.
-    * ``full_width``: rank-R factors expanded to every head (``2 n (2 H R + R q + R kv)``, q/kv the
-      query/key widths); ``W = heads * head_dim`` (one logit per query head), ``M = heads``.
-    """
-    lm, b = arch.lm, arch.dtype_bytes
     form = form or arch.alvts_form
-    R = rank or arch.selector_rank(form)
-    pairs = _causal_pairs(n)
-    H = lm.hidden
-    if form == "group_rope":
-        proj_params = 2 * (H * R + R)
-        proj = 2.0 * n * H * 2 * R
-        width, maps, qk_width = R, lm.kv_heads, 2 * R
-    elif form == "full_width":
-        proj_params = 2 * H * R + R * lm.q_width + R * lm.kv_width
-        proj = 2.0 * n * (2 * H * R + R * lm.q_width + R * lm.kv_width)
-        width, maps, qk_width = lm.q_width, lm.heads, lm.q_width + lm.kv_width
-    else:
-        raise ValueError(f"selector form must be 'group_rope' or 'full_width', got {form!r}")
-    # Input read once, q~/k~ written once and read by each pass, the [2, n] sums written.
-    io = n * H * b + 3.0 * n * qk_width * b + 2 * n * 4
-    return Cost(
-        proj_flops=batch * proj,
-        attn_flops=batch * 4.0 * width * pairs,
-        exps=batch * 2.0 * maps * pairs,
-        bytes=proj_params * b + batch * io,
-    )
+    return layer_cost(arch.lm, n, form, rank or arch.selector_rank(form), arch.dtype_bytes, batch)
 
 
 def lm_prefill_cost(

@@ -392,6 +392,42 @@ def _group_rope_factors(adapter, attn, rank: int) -> dict[str, torch.Tensor]:
             "k_weight": pk[:, :-1].to(dtype), "k_bias": pk[:, -1].to(dtype), "freq": top}
 
 
+def layer_cost(lm, n: int, form: str, rank: int, dtype_bytes: int = 2, batch: int = 1):
+    """FLOPs, exps and bytes of one layer's selector on ``n`` tokens per sample, as it runs:
+    a :class:`token_prune.costmodel.Cost` (``lm``: its ``LMSpec``).
+
+    Both forms: the layer's input norm (not counted), projections to the rank space, rotary (not
+    counted), then the fused two-pass score ``causal_attention_received`` over the ``P = n (n+1)/2``
+    causal pairs: pass 1 forms every logit (``2 W`` FLOPs per pair, ``W`` the summed width of the
+    maps) and one exp per pair and softmax for the row statistics; pass 2 forms the logits again
+    and one exp per pair and softmax for the column sums. So ``4 W P`` FLOPs and ``2 M P`` exps,
+    ``M`` the number of softmaxes (maps); no ``n x n`` matrix in memory.
+
+    * ``group_rope``: ``q~ = norm(x) W_q^T + b_q`` and likewise ``k~`` to rank R each
+      (``2 n H 2R``); ``W = R`` (the ``kv_heads`` maps of ``R / kv_heads`` dims), ``M = kv_heads``.
+    * ``full_width``: rank-R factors expanded to every head (``2 n (2 H R + R q + R kv)``, q/kv the
+      query/key widths); ``W = heads * head_dim`` (one logit per query head), ``M = heads``.
+    """
+    from ..costmodel import Cost
+
+    b, H, R = dtype_bytes, lm.hidden, rank
+    pairs = n * (n + 1) / 2.0
+    if form == "group_rope":
+        proj_params = 2 * (H * R + R)
+        proj = 2.0 * n * H * 2 * R
+        width, maps, qk_width = R, lm.kv_heads, 2 * R
+    elif form == "full_width":
+        proj_params = 2 * H * R + R * lm.q_width + R * lm.kv_width
+        proj = 2.0 * n * (2 * H * R + R * lm.q_width + R * lm.kv_width)
+        width, maps, qk_width = lm.q_width, lm.heads, lm.q_width + lm.kv_width
+    else:
+        raise ValueError(f"selector form must be 'group_rope' or 'full_width', got {form!r}")
+    # Input read once, q~/k~ written once and read by each pass, the [2, n] sums written.
+    io = n * H * b + 3.0 * n * qk_width * b + 2 * n * 4
+    return Cost(proj_flops=batch * proj, attn_flops=batch * 4.0 * width * pairs, exps=batch * 2.0 * maps * pairs,
+                bytes=proj_params * b + batch * io)
+
+
 def _randn(generator, device, dtype):
     def rnd(*shape, std):
         return torch.randn(*shape, generator=generator, device=device, dtype=torch.float32).mul_(std).to(dtype)
@@ -424,4 +460,4 @@ def default_rank(adapter, form: str) -> int:
 
 
 __all__ = ["SELECTOR_FORMS", "DEFAULT_FORM", "LowRankSelector", "FullWidthSelector", "GroupRopeSelector",
-           "check_form", "default_form", "default_rank", "group_rope_rank", "has_head_norms", "received_score", "selector_class", "svd_factors"]
+           "check_form", "default_form", "default_rank", "layer_cost", "group_rope_rank", "has_head_norms", "received_score", "selector_class", "svd_factors"]
