@@ -20,6 +20,7 @@ from .api import get_handle
 from .methods.alvts import LowRankSelector, selection_scores, topk_per_image
 from .methods.base import image_sizes
 from .models import DEFAULT_MODEL, adapter_for, supported_models
+from .models.base import head_norm
 
 
 class _Stop(Exception):
@@ -123,7 +124,9 @@ def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, l
         raise ValueError("calibrate_alvts needs at least one sample")
     adapter = adapter_for(model)
     rank = rank or adapter.default_alvts_rank()
-    layers = list(range(start_layer, adapter.num_layers))
+    # Linear-attention layers of a hybrid decoder are scored with the next attention layer's q/k.
+    attention = hf.attention_layers(adapter.lm_config)
+    layers = sorted({next((j for j in attention if j >= i), attention[-1]) for i in range(start_layer, adapter.num_layers)})
     selector = LowRankSelector.from_svd(adapter, rank, layers)
     param = next(model.parameters())
     selector.to(device=param.device)
@@ -207,12 +210,13 @@ def _lowrank_qk(adapter, layer, x, cos, sin, params):
     d = adapter.head_dim
     q = (h @ params["q_a"].T) @ params["q_b"].T
     k = (h @ params["k_a"].T) @ params["k_b"].T
-    if attn.q_proj.bias is not None:
-        q = q + attn.q_proj.bias.float()
+    q_bias = adapter.query_projection(attn)[1]
+    if q_bias is not None:
+        q = q + q_bias.float()
     if attn.k_proj.bias is not None:
         k = k + attn.k_proj.bias.float()
-    q = q.view(B, S, -1, d).transpose(1, 2)
-    k = k.view(B, S, -1, d).transpose(1, 2)
+    q = head_norm(attn, "q", q.view(B, S, -1, d)).float().transpose(1, 2)
+    k = head_norm(attn, "k", k.view(B, S, -1, d)).float().transpose(1, 2)
     return hf.apply_rotary(q, cos.float(), sin.float()), hf.apply_rotary(k, cos.float(), sin.float())
 
 

@@ -46,6 +46,7 @@ import weakref
 import torch
 
 from .. import _ops, hf, nvtx
+from ..models.base import head_norm
 from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores
 from .base import PruningMethod, check_fraction, check_int, check_layer, image_sizes
 
@@ -100,7 +101,8 @@ class LowRankSelector(torch.nn.Module):
                 key = (rank, proj.weight._version, proj.weight.data_ptr())
                 hit = _SVD_CACHE.get(proj)
                 if hit is None or hit[0] != key:
-                    hit = (key, svd_factors(proj.weight, rank))
+                    weight = adapter.query_projection(attn)[0] if name == "q" else proj.weight
+                    hit = (key, svd_factors(weight, rank))
                     _SVD_CACHE[proj] = hit
                 f[f"{name}_a"], f[f"{name}_b"] = hit[1]
             factors[li] = f
@@ -119,12 +121,13 @@ class LowRankSelector(torch.nn.Module):
         d = adapter.head_dim
         q = (h @ f.q_a.T.to(h.dtype)) @ f.q_b.T.to(h.dtype)
         k = (h @ f.k_a.T.to(h.dtype)) @ f.k_b.T.to(h.dtype)
-        if attn.q_proj.bias is not None:
-            q = q + attn.q_proj.bias
+        q_bias = adapter.query_projection(attn)[1]
+        if q_bias is not None:
+            q = q + q_bias
         if attn.k_proj.bias is not None:
             k = k + attn.k_proj.bias
-        q = q.view(B, S, -1, d).transpose(1, 2)
-        k = k.view(B, S, -1, d).transpose(1, 2)
+        q = head_norm(attn, "q", q.view(B, S, -1, d)).transpose(1, 2)
+        k = head_norm(attn, "k", k.view(B, S, -1, d)).transpose(1, 2)
         return hf.apply_rotary(q, cos, sin), hf.apply_rotary(k, cos, sin)
 
     def save(self, path, meta: dict | None = None) -> None:

@@ -231,13 +231,14 @@ class PruneAfterLayer(PruningMethod):
 
         seq.hidden = hidden
         with nvtx.range(f"{name}.compact"):
-            cached = []
+            cached, compacted = [], []
             if cache is not None and self.prunes_cache:
-                for i in range(K + 1):
+                compacted = [i for i in range(K + 1) if i not in linear]
+                for i in compacted:
                     cached += list(hf.layer_kv(cache, i))
             short, cached = compact_batch(seq, keep, cached)
-            for i in range(len(cached) // 2):
-                hf.set_layer_kv(cache, i, cached[2 * i], cached[2 * i + 1])
+            for j, i in enumerate(compacted):
+                hf.set_layer_kv(cache, i, cached[2 * j], cached[2 * j + 1])
             if short.mask2d is not None and bool(short.mask2d.bool().all()):
                 short.mask2d = None
         with nvtx.range(f"{name}.layers_K1_L"):

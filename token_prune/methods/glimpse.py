@@ -26,6 +26,7 @@ import warnings
 import torch
 
 from .. import _ops, hf, nvtx
+from ..models.base import head_norm
 from ..runtime import TokenBatch, keep_mask_from_scores
 from ..vip import GlimpseConfig, GlimpseModules
 from .base import LayerKView, PruneAfterLayer, check_fraction, check_int, check_layer
@@ -37,7 +38,8 @@ def _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, ext, vis_idx, log_so
     rotated keys, GQA heads shared, visual tokens given as ``vis_idx`` [N, 2] (sample, position)."""
     layer = adapter.lm.layers[K]
     B = h_in_k.shape[0]
-    q = layer.self_attn.q_proj(layer.input_layernorm(h_in_k[:, -1:])).view(B, -1, adapter.head_dim)
+    q = layer.self_attn.q_proj(layer.input_layernorm(h_in_k[:, -1:])).view(B, 1, -1, adapter.head_dim)
+    q = head_norm(layer.self_attn, "q", q)[:, 0]
     if cache is not None:
         keys = hf.layer_kv(cache, K)[0]
     else:

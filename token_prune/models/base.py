@@ -149,11 +149,22 @@ class ModelAdapter:
         h = self.lm.layers[layer_idx].input_layernorm(hidden_in)
         B, T, _ = h.shape
         d = self.head_dim
-        q = hf.apply_rotary(attn.q_proj(h).view(B, T, -1, d).transpose(1, 2), cos, sin)
+        q = hf.apply_rotary(head_norm(attn, "q", attn.q_proj(h).view(B, T, -1, d)).transpose(1, 2), cos, sin)
         if not want_k:
             return q, None
-        k = hf.apply_rotary(attn.k_proj(h).view(B, T, -1, d).transpose(1, 2), cos, sin)
+        k = hf.apply_rotary(head_norm(attn, "k", attn.k_proj(h).view(B, T, -1, d)).transpose(1, 2), cos, sin)
         return q, k
+
+    def query_projection(self, attn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [heads*d, H], bias [heads*d] or None): the rows of an attention layer's
+        ``q_proj`` that make its queries (a family whose ``q_proj`` also makes an output gate
+        overrides this)."""
+        return attn.q_proj.weight, attn.q_proj.bias
+
+    def gate_attention_output(self, attn: torch.nn.Module, normed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The attention output [B, T, heads*d] of rows whose normed input is ``normed`` [B, T, H],
+        as it enters ``o_proj`` (unchanged unless the family gates it)."""
+        return out
 
     def layer_rows_with_context(self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                 valid: torch.Tensor, rows: torch.Tensor, rows_hidden: torch.Tensor,
@@ -187,7 +198,7 @@ class ModelAdapter:
         Sq = rows_hidden.shape[1]
         d = self.head_dim
         h = layer.input_layernorm(hidden)
-        k = attn.k_proj(h).view(B, S, -1, d).transpose(1, 2)
+        k = head_norm(attn, "k", attn.k_proj(h).view(B, S, -1, d)).transpose(1, 2)
         v = attn.v_proj(h).view(B, S, -1, d).transpose(1, 2)
         k = hf.apply_rotary(k, cos, sin)
         if cache is not None:
@@ -205,7 +216,8 @@ class ModelAdapter:
             # Flash-attention kernels take no arbitrary mask; SDPA does (and is what HF uses by default).
             mask = allowed[:, None]
         out, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-        x = rows_hidden + attn.o_proj(out.reshape(B, Sq, -1).contiguous())
+        out = self.gate_attention_output(attn, layer.input_layernorm(rows_hidden), out.reshape(B, Sq, -1).contiguous())
+        x = rows_hidden + attn.o_proj(out)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def linear_rows_with_context(self, layer_idx: int, hidden: torch.Tensor, mask2d: torch.Tensor | None,
@@ -368,6 +380,12 @@ class ModelAdapter:
         return bool(getattr(config.text_config, "attention_bias", False))
 
 
+def head_norm(attn: torch.nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, T, heads, d] through the attention's per-head RMSNorm ``q_norm`` / ``k_norm``
+    (decoders that normalise queries and keys per head before rotary), or unchanged without one."""
+    norm = getattr(attn, f"{which}_norm", None)
+    return x if norm is None else norm(x)
+
 
 def pil_to_tensor(image) -> torch.Tensor:
     """A PIL RGB image as [3, H, W] float in [-1, 1]."""
@@ -375,4 +393,4 @@ def pil_to_tensor(image) -> torch.Tensor:
     return data.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-__all__ = ["ModelAdapter", "pil_to_tensor"]
+__all__ = ["ModelAdapter", "head_norm", "pil_to_tensor"]

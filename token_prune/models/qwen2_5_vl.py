@@ -85,11 +85,17 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def vision_depth(self):
         return self.model.config.vision_config.depth
 
+    def vit_token_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """[merged tokens] the natural index of the merged token at each slot of the ViT blocks'
+        output (window attention reorders them), or None when they come in natural order."""
+        vc = self.model.config.vision_config
+        merge = vc.spatial_merge_size
+        return vit_window_order(grid_thw.cpu(), vc.window_size // merge // vc.patch_size, merge).to(grid_thw.device)
+
     def install_vision_hooks(self, runtime, layers):
         vc = self.model.config.vision_config
         merge = vc.spatial_merge_size
         unit = merge * merge
-        window = vc.window_size // merge // vc.patch_size
         captured: dict[int, torch.Tensor] = {}
         grid: list = [None]
         wanted = {blk: i for i, blk in enumerate(layers)}
@@ -112,12 +118,13 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             # transformers 5.2x, generate() encodes the images before its first forward call.
             if grid[0] is None or len(captured) != len(layers):
                 return
-            order = vit_window_order(grid[0].cpu(), window, merge).to(grid[0].device)
-            inverse = torch.argsort(order)
+            order = self.vit_token_order(grid[0])
+            inverse = None if order is None else torch.argsort(order)
             feats = []
             for blk in layers:
                 h = captured[blk]
-                feats.append(h.reshape(h.shape[0] // unit, unit, -1).mean(1)[inverse])
+                pooled = h.reshape(h.shape[0] // unit, unit, -1).mean(1)
+                feats.append(pooled if inverse is None else pooled[inverse])
             g = grid[0]
             runtime.add_vision_capture(feats, torch.stack([g[:, 0] * (g[:, 1] // merge), g[:, 2] // merge], 1))
             captured.clear()
