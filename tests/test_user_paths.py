@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import token_prune as tp
-from families import FAMILIES
+from families import FAMILIES, pruning_layer
 from reference_model import masked_forward, masked_generate, masked_layers
 from token_prune import hf
 from token_prune.methods.base import PruneAfterLayer
@@ -31,7 +31,7 @@ METHODS = {
 }
 
 
-def _method(mid):
+def _method(mid, model):
     return mid.split("-")[0], dict(METHODS[mid])
 
 
@@ -64,7 +64,7 @@ def test_second_generate_continues_from_the_pruned_cache(fam, mid):
     """Turn 2 = the turn-1 answer and new user text appended, generate restarted on turn 1's
     cache: equal to the masked oracle that decodes turn 1, feeds the new text and goes on."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, [SampleSpec(images=(row.image,))], seed=1)
     L = model.config.text_config.num_hidden_layers
     more = torch.tensor([[17, 23, 29]])
@@ -105,7 +105,7 @@ def test_gradients_reach_the_layers_before_k(fam, mid):
     """d(loss)/d(weights of layer 0) through the pruned forward equals the masked oracle's: the
     compaction after K passes gradients back (float64)."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, row.samples(), seed=3)
     L = model.config.text_config.num_hidden_layers
     weight = model.model.language_model.layers[0].mlp.down_proj.weight
@@ -142,7 +142,7 @@ def test_labels_give_the_loss_of_the_masked_oracle(fam, mid):
     """``model(**x, labels=...)`` on a patched model: the loss over the answer equals the oracle's
     loss; labels that score a pruned token raise."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, row.samples(), seed=5)
     L = model.config.text_config.num_hidden_layers
     labels = inputs["input_ids"].clone()
@@ -194,7 +194,7 @@ def test_beam_search_equals_the_masked_oracle(fam, mid):
     """num_beams=2 (generate repeats each prompt per beam, after one vision pass or several): the
     same beams as HF's beam search on the unpatched model under the rules of generate's prefill."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, _one_image_each(row), seed=7)
     L = model.config.text_config.num_hidden_layers
     with torch.no_grad(), tp.patch(model, method=method, **opts) as handle:

@@ -417,11 +417,16 @@ def output_cache(output):
     return output.get(_output_cache_field(type(output)))
 
 
-def model_from_config(cls, config, *, attn_implementation: str = "sdpa", dtype=None):
+def model_from_config(cls, config, *, attn_implementation: str = "sdpa", dtype=None,
+                      experts_implementation: str | None = None):
     """A random-weight model of class ``cls`` built from ``config`` (no download), with the given
-    attention implementation and parameter dtype. Builds on the current default device."""
+    attention implementation, parameter dtype and, for mixture-of-experts models, experts
+    implementation (``"eager"``: a loop over experts that works in every dtype; HF's default
+    grouped matmul refuses float64). Builds on the current default device."""
     set_attn_implementation(config, attn_implementation)
     kwargs = dict(attn_implementation=attn_implementation)
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
     if dtype is not None:
         kwargs["dtype"] = dtype
     return cls._from_config(config, **kwargs)

@@ -273,6 +273,9 @@ class ModelAdapter:
     #: text tokens the tiny/synthetic prompts put after each image (a separator that keeps two
     #: images apart where the family has no image start/end tokens)
     image_separator_tokens: int = 0
+    #: experts implementation of the tiny model of a mixture-of-experts family (``"eager"`` runs in
+    #: float64, which the contract tests use), None for dense families
+    tiny_experts_implementation: str | None = None
     #: (height, width) of the image the ``--tiny`` benchmark uses
     tiny_image: tuple[int, int] = (64, 64)
     #: whether the visual layout has row-newline tokens (the last column of each row; no box
@@ -352,7 +355,8 @@ class ModelAdapter:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = hf.model_from_config(getattr(transformers, cls.hf_model_class), config,
-                                         attn_implementation=attn_implementation, dtype=dtype)
+                                         attn_implementation=attn_implementation, dtype=dtype,
+                                         experts_implementation=cls.tiny_experts_implementation)
         pad = config.text_config.pad_token_id
         model.generation_config.pad_token_id = pad if pad is not None else 0
         model.generation_config.eos_token_id = None  # random weights: never stop early in tests

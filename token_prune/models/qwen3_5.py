@@ -138,6 +138,7 @@ class Qwen3_5MoeAdapter(Qwen3_5Adapter):
     model_type = "qwen3_5_moe"
     hf_model_class = "Qwen3_5MoeForConditionalGeneration"
     display_name = "Qwen3.5-MoE"
+    tiny_experts_implementation = "eager"
 
     @classmethod
     def _config_classes(cls):
