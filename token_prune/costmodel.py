@@ -109,7 +109,13 @@ def total(costs: dict[str, Cost]) -> Cost:
 
 @dataclass(frozen=True)
 class LMSpec:
-    """Decoder sizes. ``qkv_bias``: q/k/v projections have biases (Qwen2)."""
+    """Decoder sizes. ``qkv_bias``: q/k/v projections have biases (Qwen2).
+
+    Hybrid decoders (Qwen3.5): ``linear`` lists the Gated DeltaNet linear-attention layers
+    (``lin_*``: their key/value heads and head dims, ``conv_kernel`` their causal conv);
+    ``gated_attention``: the attention layers' ``q_proj`` also makes a per-head output gate and
+    queries/keys get a per-head RMSNorm.
+    """
 
     layers: int
     hidden: int
@@ -120,6 +126,46 @@ class LMSpec:
     vocab: int
     qkv_bias: bool = False
     tied_embeddings: bool = False
+    linear: tuple[int, ...] = ()
+    gated_attention: bool = False
+    lin_k_heads: int = 0
+    lin_v_heads: int = 0
+    lin_k_dim: int = 0
+    lin_v_dim: int = 0
+    conv_kernel: int = 0
+
+    @property
+    def attention_layers(self) -> int:
+        return self.layers - len(self.linear)
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of a linear-attention layer's conv (its q, k and v)."""
+        return 2 * self.lin_k_heads * self.lin_k_dim + self.lin_v_heads * self.lin_v_dim
+
+    def linear_layer_params(self) -> int:
+        """A linear-attention layer: qkv, z, b, a projections, conv, decay parameters, gated norm,
+        output projection, SwiGLU MLP, two RMSNorms."""
+        H, vd, vh = self.hidden, self.lin_v_heads * self.lin_v_dim, self.lin_v_heads
+        mixer = H * self.conv_dim + H * vd + 2 * H * vh + self.conv_dim * self.conv_kernel + 2 * vh + self.lin_v_dim + vd * H
+        return mixer + 3 * H * self.intermediate + 2 * H
+
+    def linear_mixer_flops_per_token(self) -> tuple[float, float]:
+        """(projection + conv, recurrence) FLOPs of one token through one linear-attention layer;
+        the recurrence (decay, delta update and read of a d_k x d_v state per value head) is
+        counted as 6 d_k d_v per head, the chunked scan's order of work."""
+        H, vd, vh = self.hidden, self.lin_v_heads * self.lin_v_dim, self.lin_v_heads
+        proj = 2.0 * (H * self.conv_dim + H * vd + 2 * H * vh + vd * H) + 2.0 * self.conv_dim * self.conv_kernel
+        return proj, 6.0 * vh * self.lin_k_dim * self.lin_v_dim
+
+    def linear_state_bytes(self, dtype_bytes: int) -> int:
+        """One sample's states in one linear-attention layer: the conv state in the model's dtype,
+        the recurrent state in float32 (as HF keeps it)."""
+        return self.conv_dim * self.conv_kernel * dtype_bytes + self.lin_v_heads * self.lin_k_dim * self.lin_v_dim * 4
+
+    def decoder_params(self) -> int:
+        """All decoder layers."""
+        return self.attention_layers * self.layer_params() + len(self.linear) * self.linear_layer_params()
 
     @property
     def q_width(self) -> int:
@@ -130,19 +176,23 @@ class LMSpec:
         return self.kv_heads * self.head_dim
 
     def layer_params(self) -> int:
+        """An attention layer."""
         H, q, kv = self.hidden, self.q_width, self.kv_width
         attn = H * q + 2 * H * kv + q * H + ((q + 2 * kv) if self.qkv_bias else 0)
+        if self.gated_attention:
+            attn += H * q + 2 * self.head_dim  # the gate's half of q_proj, the q/k norms
         return attn + 3 * H * self.intermediate + 2 * H  # + two RMSNorm weights
 
     def params(self) -> int:
         """Decoder layers, final norm, embedding and LM head."""
         emb = self.vocab * self.hidden
-        return self.layers * self.layer_params() + self.hidden + emb + (0 if self.tied_embeddings else emb)
+        return self.decoder_params() + self.hidden + emb + (0 if self.tied_embeddings else emb)
 
     def linear_flops_per_token(self) -> tuple[float, float]:
-        """(projection, MLP) FLOPs of one token through one layer."""
+        """(projection, MLP) FLOPs of one token through one attention layer."""
         H, q, kv = self.hidden, self.q_width, self.kv_width
-        return 2.0 * (H * q + 2 * H * kv + q * H), 2.0 * 3 * H * self.intermediate
+        gate = 2.0 * H * q if self.gated_attention else 0.0
+        return 2.0 * (H * q + 2 * H * kv + q * H) + gate, 2.0 * 3 * H * self.intermediate
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V of one token in one layer."""
@@ -153,7 +203,7 @@ class LMSpec:
 class VisionSpec:
     """Vision tower sizes. ``kind``: ``qwen_vit`` (windowed ViT + 2x2 merger) or ``clip``."""
 
-    kind: str
+    kind: str  # qwen_vit, qwen3_vit (no windows, GELU MLP, LayerNorms, learned positions) or clip
     depth: int
     width: int
     heads: int
@@ -166,6 +216,7 @@ class VisionSpec:
     merge: int = 2
     window: int = 112  # pixels
     fullatt: tuple[int, ...] = ()
+    positions: int = 0  # qwen3_vit: learned position embeddings
     # clip
     image_size: int = 336
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
@@ -174,6 +225,8 @@ class VisionSpec:
         w, I = self.width, self.intermediate
         if self.kind == "qwen_vit":  # qkv + proj with biases, SwiGLU with biases, two RMSNorms
             return (3 * w * w + 3 * w) + (w * w + w) + 3 * w * I + 2 * I + w + 2 * w
+        if self.kind == "qwen3_vit":  # qkv + proj with biases, GELU MLP with biases, two LayerNorms
+            return (3 * w * w + 3 * w) + (w * w + w) + 2 * w * I + I + w + 4 * w
         return (4 * w * w + 4 * w) + (2 * w * I + I + w) + 4 * w  # CLIP: q,k,v,o; fc1, fc2; two LayerNorms
 
     def params(self) -> int:
@@ -183,6 +236,11 @@ class VisionSpec:
             m = w * self.merge**2
             merger = w + m * m + m + m * self.out + self.out
             return patch + self.depth * self.block_params() + merger
+        if self.kind == "qwen3_vit":  # patch conv with bias, position table, LayerNorm merger
+            patch = self.in_channels * self.temporal_patch * self.patch**2 * w + w
+            m = w * self.merge**2
+            merger = 2 * w + m * m + m + m * self.out + self.out
+            return patch + self.positions * w + self.depth * self.block_params() + merger
         side = self.image_size // self.patch
         emb = self.in_channels * self.patch**2 * w + w + (side * side + 1) * w
         projector = w * self.out + self.out + self.out * self.out + self.out
@@ -230,21 +288,30 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
     from .models import adapter_class
 
     family = adapter_class(config.model_type)
+    from . import hf
+
     tc = config.text_config
     heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    linear = tuple(i for i, t in enumerate(hf.layer_types(tc)) if t == hf.LINEAR)
+    hybrid = dict(linear=linear, gated_attention=True, lin_k_heads=tc.linear_num_key_heads,
+                  lin_v_heads=tc.linear_num_value_heads, lin_k_dim=tc.linear_key_head_dim,
+                  lin_v_dim=tc.linear_value_head_dim, conv_kernel=tc.linear_conv_kernel_dim) if linear else {}
     lm = LMSpec(
         layers=tc.num_hidden_layers,
         hidden=tc.hidden_size,
         heads=heads,
         kv_heads=tc.num_key_value_heads or heads,
         head_dim=head_dim,
-        intermediate=tc.intermediate_size,
+        # MoE decoders: the MLP width one token goes through (its experts plus the shared one)
+        intermediate=getattr(tc, "intermediate_size", None)
+        or tc.moe_intermediate_size * tc.num_experts_per_tok + tc.shared_expert_intermediate_size,
         vocab=tc.vocab_size,
         qkv_bias=family.qkv_bias(config),
         tied_embeddings=bool(
             getattr(tc, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
         ),
+        **hybrid,
     )
     vision = family.cost_vision_spec(config)
     vip = VIPSpec(llm_heads=heads, vision_width=vision.width)
@@ -302,6 +369,27 @@ def lm_layer_cost(lm: LMSpec, n: int, pairs: float, batch: int = 1, dtype_bytes:
     return Cost(
         proj_flops=batch * n * proj, attn_flops=batch * attn, mlp_flops=batch * n * mlp, bytes=w + batch * (act + kv)
     )
+
+
+def linear_layer_cost(lm: LMSpec, n: int, batch: int = 1, dtype_bytes: int = 2, weights: bool = True,
+                      mlp_rows: int | None = None) -> Cost:
+    """One linear-attention layer scanning ``n`` tokens per sample (its MLP on ``mlp_rows``, default
+    ``n``); it writes its fixed-size states instead of a KV cache."""
+    proj, scan = lm.linear_mixer_flops_per_token()
+    _, mlp = lm.linear_flops_per_token()
+    rows = n if mlp_rows is None else mlp_rows
+    H, I = lm.hidden, lm.intermediate
+    act = 2.0 * n * dtype_bytes * (4 * H + 2 * lm.conv_dim) + 2.0 * rows * dtype_bytes * 3 * I
+    w = lm.linear_layer_params() * dtype_bytes if weights else 0
+    return Cost(proj_flops=batch * n * proj, attn_flops=batch * n * scan, mlp_flops=batch * rows * mlp,
+                bytes=w + batch * (act + lm.linear_state_bytes(dtype_bytes)))
+
+
+def stack_cost(lm: LMSpec, layers: range, n: int, pairs: float, batch: int = 1, dtype_bytes: int = 2) -> Cost:
+    """Decoder ``layers`` on ``n`` tokens per sample (``pairs`` causal pairs in each attention layer)."""
+    lin = sum(1 for i in layers if i in lm.linear)
+    out = lm_layer_cost(lm, n, pairs, batch, dtype_bytes).scaled(len(layers) - lin) if len(layers) > lin else Cost()
+    return out + linear_layer_cost(lm, n, batch, dtype_bytes).scaled(lin) if lin else out
 
 
 def _causal_pairs(n: int) -> float:
@@ -384,13 +472,13 @@ def lm_prefill_cost(
     m = text + k
     kvb = lm.kv_bytes_per_token(b)
     if method == "none":
-        return {"layers": lm_layer_cost(lm, n, _causal_pairs(n), batch, b).scaled(L)}
+        return {"layers": stack_cost(lm, range(L), n, _causal_pairs(n), batch, b)}
     if method in ("glimpse", "fastv"):
         if K is None:
             raise ValueError(f"{method}: K is needed")
         g = 1 if method == "glimpse" else 0
         full = n + g
-        stages = {"layers_0_K": lm_layer_cost(lm, full, _causal_pairs(full), batch, b).scaled(K + 1)}
+        stages = {"layers_0_K": stack_cost(lm, range(K + 1), full, _causal_pairs(full), batch, b)}
         if method == "glimpse":
             stages["vip"] = _vip_cost(arch, visual, K, batch)
         else:
@@ -400,17 +488,15 @@ def lm_prefill_cost(
                 bytes=batch * n * kvb / 2,
             )
         # Gather of the hidden states (+ the caches of layers 0..K for glimpse): read all, write kept.
-        cache_layers = (K + 1) if method == "glimpse" else 0
+        cache_layers = sum(1 for i in range(K + 1) if i not in lm.linear) if method == "glimpse" else 0
         stages["compact"] = Cost(bytes=batch * ((full + m) * lm.hidden * b + cache_layers * (full + m) * kvb))
-        stages["layers_K1_L"] = (
-            lm_layer_cost(lm, m, _causal_pairs(m), batch, b).scaled(L - K - 1) if L - K - 1 > 0 else Cost()
-        )
+        stages["layers_K1_L"] = stack_cost(lm, range(K + 1, L), m, _causal_pairs(m), batch, b)
         return stages
     if method == "alvts":
         s = start_layer
         stages = {}
         if s:
-            stages["layers_before_start"] = lm_layer_cost(lm, n, _causal_pairs(n), batch, b).scaled(s)
+            stages["layers_before_start"] = stack_cost(lm, range(s), n, _causal_pairs(n), batch, b)
         stages["select"] = _selector_cost(arch, n, batch).scaled(L - s)
         if skipped == "context":
             pairs = k * (visual + 1) / 2.0 + text * visual + _causal_pairs(text)
@@ -418,9 +504,11 @@ def lm_prefill_cost(
             skip = n - m  # K/V projections of the skipped rows: read their state, write their cache entries
             layer = layer + Cost(proj_flops=batch * skip * 2.0 * lm.hidden * 2 * lm.kv_width,
                                  bytes=batch * skip * (2 * lm.hidden * b + kvb))
-            stages["layers"] = layer.scaled(L - s)
+            # A linear-attention layer scans every token, its MLP runs on the selected rows only.
+            lin = sum(1 for i in range(s, L) if i in lm.linear)
+            stages["layers"] = layer.scaled(L - s - lin) + linear_layer_cost(lm, n, batch, b, mlp_rows=m).scaled(lin)
         elif skipped == "drop":
-            stages["layers"] = lm_layer_cost(lm, m, _causal_pairs(m), batch, b).scaled(L - s)
+            stages["layers"] = stack_cost(lm, range(s, L), m, _causal_pairs(m), batch, b)
         else:
             raise ValueError(f"skipped must be 'context' or 'drop', got {skipped!r}")
         # Gather of the processed rows, clone + scatter back into the full residual stream.
@@ -451,7 +539,7 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
     """Vision tower (+ merger / projector) for ``batch`` images of ``image_hw`` pixels."""
     v, b = arch.vision, arch.dtype_bytes
     w, I = v.width, v.intermediate
-    if v.kind == "qwen_vit":
+    if v.kind in ("qwen_vit", "qwen3_vit"):
         h, wd = image_hw
         gh, gw = h // v.patch, wd // v.patch
         P = gh * gw
@@ -459,10 +547,10 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
         embed = Cost(proj_flops=2.0 * P * patch_dim * w, bytes=patch_dim * w * b + P * (patch_dim + w) * b)
         mg = v.merge
         win = v.window // mg // v.patch
-        window_pairs = sum((s * mg * mg) ** 2 for s in _window_sizes(gh // mg, gw // mg, win))
-        full_blocks = sum(1 for i in v.fullatt if 0 <= i < v.depth)
+        window_pairs = sum((s * mg * mg) ** 2 for s in _window_sizes(gh // mg, gw // mg, win)) if win else 0
+        full_blocks = v.depth if v.kind == "qwen3_vit" else sum(1 for i in v.fullatt if 0 <= i < v.depth)
         proj = 2.0 * P * 4 * w * w
-        mlp = 2.0 * P * 3 * w * I
+        mlp = 2.0 * P * (2 if v.kind == "qwen3_vit" else 3) * w * I
         act = 2.0 * P * b * (6 * w + 3 * I)
         blocks = Cost(
             proj_flops=v.depth * proj,
@@ -516,7 +604,13 @@ def kv_lens(
     kept: int | None = None,
     skipped: str = "context",
 ) -> list[int]:
-    """Per-layer KV cache length of one sample right after prefill."""
+    """Per-layer KV cache length of one sample right after prefill (0 for a linear-attention layer)."""
+    kv = _kv_lens(arch, text, visual, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, kept=kept,
+                  skipped=skipped)
+    return [0 if i in arch.lm.linear else c for i, c in enumerate(kv)]
+
+
+def _kv_lens(arch, text, visual, method, *, keep_ratio, K, start_layer, kept, skipped) -> list[int]:
     L = arch.lm.layers
     n = text + visual
     m = text + (kept if kept is not None else kept_count(visual, keep_ratio))
@@ -540,14 +634,18 @@ def decode_step_cost(arch: Arch, kv: list[int], batch: int = 1, generated: int =
     lm, b = arch.lm, arch.dtype_bytes
     proj, mlp = lm.linear_flops_per_token()
     kvb = lm.kv_bytes_per_token(b)
-    ctx = sum(c + generated for c in kv)
+    A, lin = lm.attention_layers, len(lm.linear)
+    ctx = sum(c + generated for i, c in enumerate(kv) if i not in lm.linear)
+    lin_proj, lin_scan = lm.linear_mixer_flops_per_token()
     layers = Cost(
-        proj_flops=batch * lm.layers * proj + 2.0 * batch * lm.hidden * lm.vocab,
+        proj_flops=batch * (A * proj + lin * lin_proj) + 2.0 * batch * lm.hidden * lm.vocab,
         mlp_flops=batch * lm.layers * mlp,
-        bytes=(lm.layers * lm.layer_params() + lm.hidden + lm.hidden * lm.vocab) * b,
+        bytes=(lm.decoder_params() + lm.hidden + lm.hidden * lm.vocab) * b,
     )
+    # Linear-attention layers read and write their fixed-size states instead of a growing cache.
     cache = Cost(
-        attn_flops=4.0 * lm.heads * lm.head_dim * batch * (ctx + lm.layers), bytes=batch * (ctx * kvb + lm.layers * kvb)
+        attn_flops=4.0 * lm.heads * lm.head_dim * batch * (ctx + A) + batch * lin * lin_scan,
+        bytes=batch * (ctx * kvb + A * kvb + 2 * lin * lm.linear_state_bytes(b)),
     )
     return {"weights": layers, "kv": cache}
 
@@ -613,6 +711,7 @@ def estimate(
         },
         "kv_len": kv,
         "kv_cache_bytes": batch * sum(kv) * arch.lm.kv_bytes_per_token(arch.dtype_bytes),
+        "recurrent_state_bytes": batch * len(arch.lm.linear) * arch.lm.linear_state_bytes(arch.dtype_bytes),
         "weights_bytes": (arch.lm.params() + arch.vision.params()) * arch.dtype_bytes,
         "floor": prefill_floor(arch.lm.layers, K, keep_ratio, method, start_layer),
     }

@@ -122,10 +122,11 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
         from ..costmodel import VisionSpec
 
         vc = config.vision_config
-        return VisionSpec(kind="qwen_vit", depth=vc.depth, width=vc.hidden_size, heads=vc.num_heads,
+        return VisionSpec(kind="qwen3_vit", depth=vc.depth, width=vc.hidden_size, heads=vc.num_heads,
                           intermediate=vc.intermediate_size, patch=vc.patch_size, in_channels=vc.in_channels,
                           out=vc.out_hidden_size, temporal_patch=vc.temporal_patch_size,
-                          merge=vc.spatial_merge_size, window=0, fullatt=tuple(range(vc.depth)))
+                          merge=vc.spatial_merge_size, window=0, fullatt=tuple(range(vc.depth)),
+                          positions=vc.num_position_embeddings)
 
     @classmethod
     def qkv_bias(cls, config):
