@@ -493,8 +493,7 @@ class Runtime:
             if attention_mask is not None:
                 new = attention_mask.shape[1] - self.pruned.next_position(cache)
             elif position_ids is not None:
-                pos, text = self.adapter.split_positions(position_ids, ref.shape[0], q_len, ref.device)
-                text = pos[0] if text is None else text
+                text = self.adapter.text_positions(position_ids, ref.shape[0], q_len, ref.device)
                 new = int((text[0] >= self.pruned.next_position(cache)).sum())
             if 0 < new < q_len:
                 q_len = new

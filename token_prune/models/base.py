@@ -142,6 +142,11 @@ class ModelAdapter:
         """Normalise the ``position_ids`` the LM received into (pos [P, B, S], text_pos [B, S] or None)."""
         raise NotImplementedError
 
+    def text_positions(self, position_ids, batch: int, seq: int, device) -> torch.Tensor:
+        """[B, S] the unpruned token indices (text positions) of a call's ``position_ids``."""
+        pos, text = self.split_positions(position_ids, batch, seq, device)
+        return pos[0] if text is None else text
+
     def project_qk(self, layer_idx: int, hidden_in: torch.Tensor, cos, sin, want_k: bool = True):
         """Queries [B, heads, T, d] and keys [B, kv_heads, T, d] (rotary applied) that decoder layer
         ``layer_idx`` computes for its input ``hidden_in`` [B, T, H]."""
