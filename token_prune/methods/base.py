@@ -217,7 +217,7 @@ class PruneAfterLayer(PruningMethod):
                 hidden = self.before_layer(i, hidden)
                 if i == K:
                     seq.hidden = hidden
-                if i in linear and cache is not None and hidden.shape[1] > S:
+                if i in linear and hidden.shape[1] > S:
                     hidden = _linear_layer_without_appended(lm, i, hidden, S, batch.mask2d, cache, use_cache, kwargs)
                     continue
                 hidden = hf.call_layer(lm.layers[i], hidden, mask=mask, rope=rope, text_pos=seq.text_pos,
@@ -260,10 +260,16 @@ def _linear_layer_without_appended(lm, i: int, hidden: torch.Tensor, S: int, mas
     method appended after it (the glimpse token): the prompt is scanned into the cached state,
     the appended tokens continue from that state but leave it as the prompt left it, so the
     answer never sees them through the recurrence (as the attention layers' compaction removes
-    them from the KV caches). Returns [B, S_ext, H]."""
+    them from the KV caches). Without a cache (``use_cache=False``) the state lives in a scratch
+    cache, so the prompt is scanned exactly as with one. Returns [B, S_ext, H]."""
     layer = lm.layers[i]
+    keep = cache is not None
+    cache = cache if keep else hf.new_cache(lm.config)
     head = hf.call_layer(layer, hidden[:, :S], mask=hf.recurrent_mask(lm.config, hidden[:, :S], mask2d), rope=None,
-                         cache=cache, use_cache=use_cache, **kwargs)
+                         cache=cache, use_cache=True, **kwargs)
+    if not keep:
+        return torch.cat([head, hf.call_layer(layer, hidden[:, S:], mask=None, rope=None, cache=cache, use_cache=True,
+                                              **kwargs)], 1)
     with hf.preserved_linear_state(cache, i):
         tail = hf.call_layer(layer, hidden[:, S:], mask=None, rope=None, cache=cache, use_cache=use_cache, **kwargs)
     return torch.cat([head, tail], 1)
