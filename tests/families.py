@@ -10,7 +10,7 @@ suite.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -35,7 +35,14 @@ class Family:
     prefill_position: Callable | None = None
     #: a single image the family takes (tests that need one image of a valid size)
     image: tuple[int, int] = (64, 64)
+    #: prompts of the contract batch with videos (sample 0 an image, sample 1 a video and then an
+    #: image), for families that take videos; the contract runs a second time on them
+    video_samples: Callable[[], list[SampleSpec]] | None = None
     extra: dict = field(default_factory=dict)
+
+    def with_videos(self) -> "Family":
+        """This row with the video prompts as its contract batch."""
+        return replace(self, samples=self.video_samples)
 
     def build(self, dtype=torch.float32, seed: int = 0, attn: str = "sdpa", **overrides):
         return tiny_model(self.model_type, attn_implementation=attn, dtype=dtype, seed=seed, **overrides)
@@ -50,12 +57,28 @@ class Family:
         return {"position_ids": self.prefill_position(model, inputs["attention_mask"])}
 
 
+def qwen_samples() -> list[SampleSpec]:
+    return [SampleSpec(images=((128, 96),), prefix_len=3, suffix_len=6),
+            SampleSpec(images=((64, 64), (32, 64)), prefix_len=5, suffix_len=4)]
+
+
+def qwen_video_samples() -> list[SampleSpec]:
+    # A video of 4 frames (2 temporal groups) before an image, next to an image-only sample.
+    return [SampleSpec(images=((64, 64),), prefix_len=3, suffix_len=6),
+            SampleSpec(images=((32, 64),), videos=((4, 64, 32),), order=("video", "image"), prefix_len=5,
+                       suffix_len=4)]
+
+
 FAMILIES = {
     f.model_type: f for f in [
-        Family("qwen2_5_vl",
-               samples=lambda: [SampleSpec(images=((128, 96),), prefix_len=3, suffix_len=6),
-                                SampleSpec(images=((64, 64), (32, 64)), prefix_len=5, suffix_len=4)],
-               decode_position=qwen_decode_position, image=(64, 64)),
+        Family("qwen2_5_vl", samples=qwen_samples, decode_position=qwen_decode_position, image=(64, 64),
+               video_samples=qwen_video_samples),
+        Family("qwen2_vl", samples=qwen_samples, decode_position=qwen_decode_position, image=(64, 64),
+               video_samples=qwen_video_samples),
+        Family("qwen3_vl", samples=qwen_samples, decode_position=qwen_decode_position, image=(64, 64),
+               video_samples=qwen_video_samples),
+        Family("qwen3_vl_moe", samples=qwen_samples, decode_position=qwen_decode_position, image=(64, 64),
+               video_samples=qwen_video_samples),
         Family("llava",
                samples=lambda: [SampleSpec(images=((56, 56),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((56, 56), (56, 56)), prefix_len=5, suffix_len=4)],
@@ -67,11 +90,11 @@ FAMILIES = {
         Family("qwen3_5",
                samples=lambda: [SampleSpec(images=((64, 48),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((32, 32), (32, 64)), prefix_len=5, suffix_len=4)],
-               decode_position=qwen_decode_position, image=(32, 32)),
+               decode_position=qwen_decode_position, image=(32, 32), video_samples=qwen_video_samples),
         Family("qwen3_5_moe",
                samples=lambda: [SampleSpec(images=((64, 48),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((32, 32), (32, 64)), prefix_len=5, suffix_len=4)],
-               decode_position=qwen_decode_position, image=(32, 32)),
+               decode_position=qwen_decode_position, image=(32, 32), video_samples=qwen_video_samples),
     ]
 }
 

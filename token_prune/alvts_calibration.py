@@ -52,7 +52,7 @@ def _masks(model, inputs):
     ids = inputs["input_ids"]
     valid = inputs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
-    visual = ids == model.config.image_token_id
+    visual = adapter_for(model).visual_mask(input_ids=ids)
     return valid, visual
 
 

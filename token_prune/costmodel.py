@@ -109,12 +109,19 @@ def total(costs: dict[str, Cost]) -> Cost:
 
 @dataclass(frozen=True)
 class LMSpec:
-    """Decoder sizes. ``qkv_bias``: q/k/v projections have biases (Qwen2).
+    """Decoder sizes. ``qkv_bias``: q/k/v projections have biases (Qwen2); ``head_norms``: per-head
+    q/k RMSNorms (Qwen3).
+
+    Sparse-MoE decoders (Qwen3-VL-30B-A3B): ``sparse_layers`` of the layers have ``experts``
+    SwiGLU experts of width ``expert_intermediate`` and a router, of which ``experts_per_token``
+    run for each token; the others have the dense ``intermediate`` MLP. FLOPs count the active
+    experts only; parameters count all of them; weight bytes read count the experts a step's
+    tokens reach (expected number under uniform routing).
 
     Hybrid decoders (Qwen3.5): ``linear`` lists the Gated DeltaNet linear-attention layers
-    (``lin_*``: their key/value heads and head dims, ``conv_kernel`` their causal conv);
-    ``gated_attention``: the attention layers' ``q_proj`` also makes a per-head output gate and
-    queries/keys get a per-head RMSNorm.
+    (``lin_*``: their key/value heads and head dims, ``conv_kernel`` their causal conv), whose
+    MLPs are those of the other layers; ``gated_attention``: the attention layers' ``q_proj``
+    also makes a per-head output gate.
     """
 
     layers: int
@@ -126,6 +133,11 @@ class LMSpec:
     vocab: int
     qkv_bias: bool = False
     tied_embeddings: bool = False
+    head_norms: bool = False
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    sparse_layers: int = 0
     linear: tuple[int, ...] = ()
     gated_attention: bool = False
     lin_k_heads: int = 0
@@ -133,6 +145,30 @@ class LMSpec:
     lin_k_dim: int = 0
     lin_v_dim: int = 0
     conv_kernel: int = 0
+
+    def _mlp_mean(self, dense: float, sparse: float) -> float:
+        s = self.sparse_layers if self.experts else 0
+        return ((self.layers - s) * dense + s * sparse) / self.layers
+
+    @property
+    def active_intermediate(self) -> float:
+        """MLP width one token runs through, averaged over the layers."""
+        return self._mlp_mean(self.intermediate, self.experts_per_token * self.expert_intermediate)
+
+    def experts_reached(self, tokens: float) -> float:
+        """Expected distinct experts of a sparse layer that ``tokens`` tokens route to."""
+        if not self.experts:
+            return 0.0
+        return self.experts * (1.0 - (1.0 - self.experts_per_token / self.experts) ** max(tokens, 0.0))
+
+    def read_layer_params(self, tokens: float) -> float:
+        """Weights of one layer (mean over layers) read when ``tokens`` tokens go through it."""
+        H = self.hidden
+        if not self.experts:
+            return self.decoder_params() / self.layers
+        expert = 3 * H * self.expert_intermediate
+        mlp = self._mlp_mean(3 * H * self.intermediate, self.experts_reached(tokens) * expert + H * self.experts)
+        return self._mixer_mean() + mlp + 2 * H
 
     @property
     def attention_layers(self) -> int:
@@ -143,12 +179,16 @@ class LMSpec:
         """Channels of a linear-attention layer's conv (its q, k and v)."""
         return 2 * self.lin_k_heads * self.lin_k_dim + self.lin_v_heads * self.lin_v_dim
 
-    def linear_layer_params(self) -> int:
-        """A linear-attention layer: qkv, z, b, a projections, conv, decay parameters, gated norm,
-        output projection, SwiGLU MLP, two RMSNorms."""
+    def _linear_mixer_params(self) -> int:
+        """A Gated DeltaNet token mixer: qkv, z, b, a projections, conv, decay parameters, gated
+        norm, output projection."""
         H, vd, vh = self.hidden, self.lin_v_heads * self.lin_v_dim, self.lin_v_heads
-        mixer = H * self.conv_dim + H * vd + 2 * H * vh + self.conv_dim * self.conv_kernel + 2 * vh + self.lin_v_dim + vd * H
-        return mixer + 3 * H * self.intermediate + 2 * H
+        return H * self.conv_dim + H * vd + 2 * H * vh + self.conv_dim * self.conv_kernel + 2 * vh + self.lin_v_dim + vd * H
+
+    def _mixer_mean(self) -> float:
+        """Token-mixer parameters of one layer, mean over the layers."""
+        lin = len(self.linear)
+        return ((self.layers - lin) * self._attn_params() + lin * self._linear_mixer_params()) / self.layers
 
     def linear_mixer_flops_per_token(self) -> tuple[float, float]:
         """(projection + conv, recurrence) FLOPs of one token through one linear-attention layer;
@@ -163,7 +203,11 @@ class LMSpec:
         the recurrent state in float32 (as HF keeps it)."""
         return self.conv_dim * self.conv_kernel * dtype_bytes + self.lin_v_heads * self.lin_k_dim * self.lin_v_dim * 4
 
-    def decoder_params(self) -> int:
+    def linear_layer_params(self) -> float:
+        """A linear-attention layer: its mixer, the (mean) MLP and two RMSNorms."""
+        return self._linear_mixer_params() + self.layer_params() - self._attn_params()
+
+    def decoder_params(self) -> float:
         """All decoder layers."""
         return self.attention_layers * self.layer_params() + len(self.linear) * self.linear_layer_params()
 
@@ -175,24 +219,31 @@ class LMSpec:
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
 
-    def layer_params(self) -> int:
-        """An attention layer."""
+    def _attn_params(self) -> int:
         H, q, kv = self.hidden, self.q_width, self.kv_width
-        attn = H * q + 2 * H * kv + q * H + ((q + 2 * kv) if self.qkv_bias else 0)
-        if self.gated_attention:
-            attn += H * q + 2 * self.head_dim  # the gate's half of q_proj, the q/k norms
-        return attn + 3 * H * self.intermediate + 2 * H  # + two RMSNorm weights
+        norms = 2 * self.head_dim if self.head_norms else 0  # per-head q/k RMSNorm weights
+        gate = H * q if self.gated_attention else 0  # the gate's half of q_proj
+        return H * q + 2 * H * kv + q * H + ((q + 2 * kv) if self.qkv_bias else 0) + norms + gate
+
+    def layer_params(self) -> float:
+        """Parameters of one attention layer (mean over the layers' MLPs; every expert counted)."""
+        H = self.hidden
+        mlp = self._mlp_mean(3 * H * self.intermediate, self.experts * (3 * H * self.expert_intermediate + H))
+        return self._attn_params() + mlp + 2 * H  # + two RMSNorm weights
 
     def params(self) -> int:
         """Decoder layers, final norm, embedding and LM head."""
         emb = self.vocab * self.hidden
-        return self.decoder_params() + self.hidden + emb + (0 if self.tied_embeddings else emb)
+        return round(self.decoder_params()) + self.hidden + emb + (0 if self.tied_embeddings else emb)
 
     def linear_flops_per_token(self) -> tuple[float, float]:
-        """(projection, MLP) FLOPs of one token through one attention layer."""
+        """(projection, MLP) FLOPs of one token through one attention layer (MLP: the active experts
+        and the router of a sparse layer; mean over the layers)."""
         H, q, kv = self.hidden, self.q_width, self.kv_width
+        mlp = self._mlp_mean(3 * H * self.intermediate,
+                             self.experts_per_token * 3 * H * self.expert_intermediate + H * self.experts)
         gate = 2.0 * H * q if self.gated_attention else 0.0
-        return 2.0 * (H * q + 2 * H * kv + q * H) + gate, 2.0 * 3 * H * self.intermediate
+        return 2.0 * (H * q + 2 * H * kv + q * H) + gate, 2.0 * mlp
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V of one token in one layer."""
@@ -203,7 +254,7 @@ class LMSpec:
 class VisionSpec:
     """Vision tower sizes. ``kind``: ``qwen_vit`` (windowed ViT + 2x2 merger) or ``clip``."""
 
-    kind: str  # qwen_vit, qwen3_vit (no windows, GELU MLP, LayerNorms, learned positions) or clip
+    kind: str
     depth: int
     width: int
     heads: int
@@ -216,31 +267,34 @@ class VisionSpec:
     merge: int = 2
     window: int = 112  # pixels
     fullatt: tuple[int, ...] = ()
-    positions: int = 0  # qwen3_vit: learned position embeddings
+    #: block MLP: ``swiglu`` (gate, up, down) or ``gelu`` (fc1, fc2); norms ``rms`` or ``layer``
+    mlp: str = "swiglu"
+    norm: str = "rms"
+    #: the patch embedding has a bias; learned position embeddings (rows); extra 2x2 mergers
+    #: whose outputs feed the decoder's deepstack (Qwen3-VL, normalised after the merge)
+    patch_bias: bool = False
+    pos_embed: int = 0
+    deepstack_mergers: int = 0
     # clip
     image_size: int = 336
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     def block_params(self) -> int:
         w, I = self.width, self.intermediate
-        if self.kind == "qwen_vit":  # qkv + proj with biases, SwiGLU with biases, two RMSNorms
-            return (3 * w * w + 3 * w) + (w * w + w) + 3 * w * I + 2 * I + w + 2 * w
-        if self.kind == "qwen3_vit":  # qkv + proj with biases, GELU MLP with biases, two LayerNorms
-            return (3 * w * w + 3 * w) + (w * w + w) + 2 * w * I + I + w + 4 * w
+        if self.kind == "qwen_vit":  # qkv + proj with biases, the MLP with biases, two norms
+            mlp = 3 * w * I + 2 * I + w if self.mlp == "swiglu" else 2 * w * I + I + w
+            return (3 * w * w + 3 * w) + (w * w + w) + mlp + (2 if self.norm == "rms" else 4) * w
         return (4 * w * w + 4 * w) + (2 * w * I + I + w) + 4 * w  # CLIP: q,k,v,o; fc1, fc2; two LayerNorms
 
     def params(self) -> int:
         w = self.width
         if self.kind == "qwen_vit":
-            patch = self.in_channels * self.temporal_patch * self.patch**2 * w
+            patch = self.in_channels * self.temporal_patch * self.patch**2 * w + (w if self.patch_bias else 0)
             m = w * self.merge**2
-            merger = w + m * m + m + m * self.out + self.out
-            return patch + self.depth * self.block_params() + merger
-        if self.kind == "qwen3_vit":  # patch conv with bias, position table, LayerNorm merger
-            patch = self.in_channels * self.temporal_patch * self.patch**2 * w + w
-            m = w * self.merge**2
-            merger = 2 * w + m * m + m + m * self.out + self.out
-            return patch + self.positions * w + self.depth * self.block_params() + merger
+            norm = 1 if self.norm == "rms" else 2  # LayerNorm: weight and bias
+            mlp = m * m + m + m * self.out + self.out
+            merger = norm * w + mlp + self.deepstack_mergers * (norm * m + mlp)
+            return patch + self.pos_embed * w + self.depth * self.block_params() + merger
         side = self.image_size // self.patch
         emb = self.in_channels * self.patch**2 * w + w + (side * side + 1) * w
         projector = w * self.out + self.out + self.out * self.out + self.out
@@ -282,6 +336,18 @@ class Arch:
         }
 
 
+def _moe_sizes(tc) -> dict:
+    """The sparse-MoE fields of :class:`LMSpec` from a decoder config (none for a dense one)."""
+    experts = getattr(tc, "num_experts", None) or 0
+    if not experts:
+        return {}
+    step = getattr(tc, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(tc, "mlp_only_layers", None) or [])
+    sparse = sum(1 for i in range(tc.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+    return dict(experts=experts, experts_per_token=tc.num_experts_per_tok,
+                expert_intermediate=tc.moe_intermediate_size, sparse_layers=sparse)
+
+
 def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None) -> Arch:
     """An :class:`Arch` from the Hugging Face config of any supported family (its adapter
     describes the vision tower and the decoder's biases)."""
@@ -303,14 +369,15 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
         heads=heads,
         kv_heads=tc.num_key_value_heads or heads,
         head_dim=head_dim,
-        # MoE decoders: the MLP width one token goes through (its experts plus the shared one)
-        intermediate=getattr(tc, "intermediate_size", None)
-        or tc.moe_intermediate_size * tc.num_experts_per_tok + tc.shared_expert_intermediate_size,
+        # Qwen3.5-MoE has no dense MLP width: its shared expert stands in (not counted as an expert)
+        intermediate=getattr(tc, "intermediate_size", None) or tc.shared_expert_intermediate_size,
         vocab=tc.vocab_size,
         qkv_bias=family.qkv_bias(config),
         tied_embeddings=bool(
             getattr(tc, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
         ),
+        head_norms=family.head_norms(config),
+        **_moe_sizes(tc),
         **hybrid,
     )
     vision = family.cost_vision_spec(config)
@@ -324,14 +391,17 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
 # -- prompt layout -----------------------------------------------------------------------
 
 
-def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_after: int) -> dict:
-    """Tokens of one synthetic prompt (one image) as :mod:`token_prune.bench` builds it.
+def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_after: int,
+                  video_frames: int | None = None) -> dict:
+    """Tokens of one synthetic prompt (one image, or one video of ``video_frames`` frames of
+    ``image_hw``) as :mod:`token_prune.bench` builds it.
 
-    Returns ``{"text": T, "visual": N, "prompt": T + N, "vision_patches" | "tiles": ...}``.
+    Returns ``{"text": T, "visual": N, "prompt": T + N, "vision_patches" | "tiles": ...}``, and
+    ``"frame_groups"`` for a video.
     """
     from .tiny import prompt_layout as layout
 
-    return layout(config, image_hw, text_before, text_after)
+    return layout(config, image_hw, text_before, text_after, video_frames=video_frames)
 
 
 def kept_count(n: int, keep_ratio: float) -> int:
@@ -362,10 +432,10 @@ def lm_layer_cost(lm: LMSpec, n: int, pairs: float, batch: int = 1, dtype_bytes:
     """One decoder layer on ``n`` tokens per sample with ``pairs`` (query, key) pairs per sample."""
     proj, mlp = lm.linear_flops_per_token()
     attn = 4.0 * lm.heads * lm.head_dim * pairs
-    H, I = lm.hidden, lm.intermediate
+    H, I = lm.hidden, lm.active_intermediate
     act = 2.0 * n * dtype_bytes * (4 * H + 2 * lm.kv_width + 3 * I)
     kv = n * lm.kv_bytes_per_token(dtype_bytes)
-    w = lm.layer_params() * dtype_bytes if weights else 0
+    w = lm.read_layer_params(batch * n) * dtype_bytes if weights else 0
     return Cost(
         proj_flops=batch * n * proj, attn_flops=batch * attn, mlp_flops=batch * n * mlp, bytes=w + batch * (act + kv)
     )
@@ -535,11 +605,15 @@ def _window_sizes(gh: int, gw: int, win: int) -> list[int]:
     return sizes
 
 
-def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: int | None = None) -> dict[str, Cost]:
-    """Vision tower (+ merger / projector) for ``batch`` images of ``image_hw`` pixels."""
+def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: int | None = None,
+                frame_groups: int = 1) -> dict[str, Cost]:
+    """Vision tower (+ merger / projector) for ``batch`` images of ``image_hw`` pixels, or for
+    ``batch`` videos of ``frame_groups`` temporal groups of that size (the Qwen ViTs attend within
+    each group, so a video costs its groups' images)."""
+    batch = batch * frame_groups
     v, b = arch.vision, arch.dtype_bytes
     w, I = v.width, v.intermediate
-    if v.kind in ("qwen_vit", "qwen3_vit"):
+    if v.kind == "qwen_vit":
         h, wd = image_hw
         gh, gw = h // v.patch, wd // v.patch
         P = gh * gw
@@ -547,11 +621,12 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
         embed = Cost(proj_flops=2.0 * P * patch_dim * w, bytes=patch_dim * w * b + P * (patch_dim + w) * b)
         mg = v.merge
         win = v.window // mg // v.patch
-        window_pairs = sum((s * mg * mg) ** 2 for s in _window_sizes(gh // mg, gw // mg, win)) if win else 0
-        full_blocks = v.depth if v.kind == "qwen3_vit" else sum(1 for i in v.fullatt if 0 <= i < v.depth)
+        window_pairs = sum((s * mg * mg) ** 2 for s in _window_sizes(gh // mg, gw // mg, win))
+        full_blocks = sum(1 for i in v.fullatt if 0 <= i < v.depth)
         proj = 2.0 * P * 4 * w * w
-        mlp = 2.0 * P * (2 if v.kind == "qwen3_vit" else 3) * w * I
-        act = 2.0 * P * b * (6 * w + 3 * I)
+        mats = 3 if v.mlp == "swiglu" else 2
+        mlp = 2.0 * P * mats * w * I
+        act = 2.0 * P * b * (6 * w + mats * I)
         blocks = Cost(
             proj_flops=v.depth * proj,
             mlp_flops=v.depth * mlp,
@@ -560,8 +635,10 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
         )
         m = w * mg * mg
         Pm = P // (mg * mg)
+        n_merge = 1 + v.deepstack_mergers
         merger = Cost(
-            mlp_flops=2.0 * Pm * (m * m + m * v.out), bytes=(m * m + m * v.out) * b + 2.0 * Pm * (2 * m + v.out) * b
+            mlp_flops=n_merge * 2.0 * Pm * (m * m + m * v.out),
+            bytes=n_merge * ((m * m + m * v.out) * b + 2.0 * Pm * (2 * m + v.out) * b),
         )
         stages = {"embed": embed, "blocks": blocks, "merger": merger}
     else:
@@ -640,7 +717,7 @@ def decode_step_cost(arch: Arch, kv: list[int], batch: int = 1, generated: int =
     layers = Cost(
         proj_flops=batch * (A * proj + lin * lin_proj) + 2.0 * batch * lm.hidden * lm.vocab,
         mlp_flops=batch * lm.layers * mlp,
-        bytes=(lm.decoder_params() + lm.hidden + lm.hidden * lm.vocab) * b,
+        bytes=(lm.layers * lm.read_layer_params(batch) + lm.hidden + lm.hidden * lm.vocab) * b,
     )
     # Linear-attention layers read and write their fixed-size states instead of a growing cache.
     cache = Cost(
@@ -675,7 +752,7 @@ def estimate(
     times when ``gpu`` names a known device.
     """
     T, N = layout["text"], layout["visual"]
-    vis = vision_cost(arch, image_hw, batch, tiles=layout.get("tiles"))
+    vis = vision_cost(arch, image_hw, batch, tiles=layout.get("tiles"), frame_groups=layout.get("frame_groups", 1))
     pre = lm_prefill_cost(
         arch, T, N, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, batch=batch, kept=kept,
         skipped=skipped,

@@ -48,6 +48,7 @@ DEFAULTS = dict(
     check_rtol=None,
     seed=0,
     alvts_selector="random",
+    video_frames=None,
     out_dir=os.path.join("bench", "results"),
 )
 
@@ -104,6 +105,31 @@ PRESETS = {
         check_tokens=8,
         check_batch=1,
     ),
+    # Qwen2.5-VL-7B, one video of 32 frames at 448x448 (16 temporal groups of 16x16 = 4096 merged
+    # visual tokens): every method, the keep ratio applied per video.
+    "qwen2_5_vl_7b_video": dict(
+        model="qwen2_5_vl_7b",
+        image=(448, 448),
+        video_frames=32,
+        dtype="bfloat16",
+        attn="sdpa",
+        settings=["none", "glimpse:layer=18", "glimpse:layer=2,keep_ratio=0.074", "fastv:layer=2", "alvts",
+                  "alvts:keep_ratio=0.11,skipped=drop"],
+        keep_ratios={
+            "glimpse": [0.074, 0.25, 0.5, 1.0],
+            "fastv": [0.074, 0.25, 0.5, 1.0],
+            "alvts": [0.11, 0.25, 0.5, 1.0],
+        },
+        batch=1,
+        decode_tokens=32,
+        warmup=2,
+        repeats=5,
+        decode_warmup=1,
+        decode_repeats=3,
+        sweep=False,
+        check_tokens=8,
+        check_batch=1,
+    ),
 }
 
 
@@ -130,7 +156,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     Options left unset take the preset's value, then the defaults (``--tiny`` has its own)."""
     g = p.add_argument_group("what to run")
     g.add_argument(
-        "--preset", choices=sorted(PRESETS), help="a named configuration (qwen2_5_vl_7b_4k: Qwen2.5-VL-7B with 4096 visual tokens, every method)"
+        "--preset", choices=sorted(PRESETS), help="a named configuration (qwen2_5_vl_7b_4k: Qwen2.5-VL-7B with 4096 visual tokens, every method; "
+        "qwen2_5_vl_7b_video: the same model on a 32-frame 448x448 video, 4096 visual tokens)"
     )
     g.add_argument(
         "--model",
@@ -143,6 +170,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--image", type=_hw, help="image size HxW in pixels (Qwen2.5-VL: multiples of 28; LLaVA-NeXT: anyres)"
     )
+    g.add_argument("--video-frames", type=int,
+                   help="the prompt holds one video of this many frames of --image size instead of an image "
+                        "(families that take videos)")
     g.add_argument("--text-before", type=int, help="text tokens before the image")
     g.add_argument("--text-after", type=int, help="text tokens after the image (question + assistant prefix)")
     g.add_argument(
@@ -250,13 +280,15 @@ def resolve_options(args) -> dict:
             ):
                 preset.pop(key, None)
             preset["settings"] = [s.replace("layer=18", "layer=4") for s in preset["settings"]]
-            preset["sweep_settings"] = [s.replace("layer=18", "layer=4") for s in preset["sweep_settings"]]
+            if preset.get("sweep_settings"):
+                preset["sweep_settings"] = [s.replace("layer=18", "layer=4") for s in preset["sweep_settings"]]
         o.update(preset)
     cli = {
         "model": args.model,
         "dtype": args.dtype,
         "attn": args.attn,
         "image": args.image,
+        "video_frames": args.video_frames,
         "text_before": args.text_before,
         "text_after": args.text_after,
         "settings": args.settings_cli,
@@ -514,7 +546,7 @@ def _cost_only(o: dict, arch: dict, config, log) -> int:
     L = config.text_config.num_hidden_layers
     settings = expand_settings(o["settings"], o["keep_ratios"], family, L)
     a = cm.arch_from_config(config, dtype_bytes=torch.tensor([], dtype=getattr(torch, o["dtype"])).element_size())
-    lay = cm.prompt_layout(config, tuple(o["image"]), o["text_before"], o["text_after"])
+    lay = cm.prompt_layout(config, tuple(o["image"]), o["text_before"], o["text_after"], o.get("video_frames"))
     gpu = os.environ.get("TOKEN_PRUNE_COST_GPU", "H100")
     rows = []
     for s in settings:

@@ -81,8 +81,8 @@ def attention_layer_at_or_after(adapter, layer: int) -> int:
 # -- visual tokens -------------------------------------------------------------------------------
 
 def image_sizes(visual: torch.Tensor, known: list[int] | None) -> list[int]:
-    """Tokens of each image in batch order: the adapter's image sizes when known, else one
-    "image" per contiguous run of visual tokens.
+    """Tokens of each visual item (an image, or a whole video) in batch order: the sizes the
+    vision capture recorded when known, else one item per contiguous run of visual tokens.
 
     Args:
         visual: [B, S] bool, True at visual tokens.
@@ -191,7 +191,8 @@ class PruneAfterLayer(PruningMethod):
         raise NotImplementedError
 
     def select(self, rt, view: LayerKView) -> torch.Tensor:
-        """[N] bool keep decisions; by default the top ``ceil(keep_ratio * n)`` of each image."""
+        """[N] bool keep decisions; by default the top ``ceil(keep_ratio * n)`` of each item (an
+        image, or a whole video over all its frames)."""
         return keep_mask_from_scores(self.score(rt, view), view.sizes, keep_ratio=self.keep_ratio,
                                      scores_are_logits=False)
 
@@ -222,6 +223,7 @@ class PruneAfterLayer(PruningMethod):
                     continue
                 hidden = hf.call_layer(lm.layers[i], hidden, mask=mask, rope=rope, text_pos=seq.text_pos,
                                        cache=cache, use_cache=use_cache, **kwargs)
+                hidden = seq.add_deepstack(i, hidden)
         sizes = image_sizes(batch.visual, getattr(rt.ctx, "image_sizes", None))
         with nvtx.range(f"{name}.score"):
             keep_vis = self.select(rt, LayerKView(seq, batch, rope, cache, sizes))
@@ -252,7 +254,8 @@ class PruneAfterLayer(PruningMethod):
             # The attention layers' caches hold `short`; a linear layer <= K scanned the whole prompt
             # into its state, and a state cannot be compacted.
             layer_masks = [full if (i in linear and i <= K) else kept for i in range(L)]
-        return PrefillResult(short.hidden, short, sample_stats(batch, keep_vis, sizes), layer_masks)
+        stats = sample_stats(batch, keep_vis, sizes, getattr(rt.ctx, "item_kinds", None))
+        return PrefillResult(short.hidden, short, stats, layer_masks)
 
 
 def _linear_layer_without_appended(lm, i: int, hidden: torch.Tensor, S: int, mask2d, cache, use_cache, kwargs):

@@ -161,7 +161,7 @@ class GlimpsePrune(PruneAfterLayer):
             mask2d = torch.cat([mask2d, mask2d.new_ones(B, 1)], 1)
         return TokenBatch(hidden, pos, text_pos, mask2d,
                           torch.cat([batch.index, batch.index.new_full((B, 1), -1)], 1),
-                          torch.cat([batch.visual, batch.visual.new_zeros(B, 1)], 1))
+                          torch.cat([batch.visual, batch.visual.new_zeros(B, 1)], 1), batch.deepstack)
 
     def before_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         # Each layer's own projected glimpse vector is added to the glimpse token's state.

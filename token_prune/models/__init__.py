@@ -9,12 +9,17 @@ from __future__ import annotations
 from .base import ModelAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     Qwen2_5_VLAdapter.model_type: Qwen2_5_VLAdapter,
     LlavaAdapter.model_type: LlavaAdapter,
     LlavaNextAdapter.model_type: LlavaNextAdapter,
+    Qwen2VLAdapter.model_type: Qwen2VLAdapter,
+    Qwen3VLAdapter.model_type: Qwen3VLAdapter,
+    Qwen3VLMoeAdapter.model_type: Qwen3VLMoeAdapter,
     Qwen3_5Adapter.model_type: Qwen3_5Adapter,
     Qwen3_5MoeAdapter.model_type: Qwen3_5MoeAdapter,
 }

@@ -1,13 +1,12 @@
 """Qwen3.5 (``Qwen3_5ForConditionalGeneration``, MoE ``Qwen3_5MoeForConditionalGeneration``): a
 hybrid decoder and a plain ViT.
 
-The decoder interleaves Gated DeltaNet linear-attention layers (a causal-conv state and a
+Built on the Qwen3-VL adapter (prompt and pixel layout, videos with timestamp text, M-RoPE
+bookkeeping, a ViT in natural order); Qwen3.5 has no deepstack. The decoder interleaves Gated DeltaNet linear-attention layers (a causal-conv state and a
 recurrent state, no KV cache) with gated full-attention layers (every 4th layer in the published
 models). Its attention layers differ from Qwen2.5-VL's in three ways the adapter hides: ``q_proj``
-makes the queries and a per-head output gate (``[q_h, gate_h]`` per head), queries and keys go
-through a per-head RMSNorm, and M-RoPE rotates only the first quarter of each head. The ViT has
-no window attention (its blocks output merged groups in natural order) and no deepstack; the
-prompt layout, pixel layout and M-RoPE bookkeeping are Qwen2.5-VL's.
+makes the queries and a per-head output gate (``[q_h, gate_h]`` per head), and M-RoPE rotates
+only the first quarter of each head.
 
 What pruning means for the linear-attention layers is in the runtime (see ``hf.py`` for the
 cache layout): a layer after the pruning point scans only the kept tokens, so its state
@@ -20,13 +19,14 @@ import torch
 
 from .. import hf
 from .base import head_norm
-from .qwen2_5_vl import TINY_IDS, Qwen2_5_VLAdapter
+from .qwen2_vl import TINY_IDS
+from .qwen3_vl import Qwen3VLAdapter
 
 #: the published models put an attention layer after every three linear-attention layers
 FULL_ATTENTION_INTERVAL = 4
 
 
-class Qwen3_5Adapter(Qwen2_5_VLAdapter):
+class Qwen3_5Adapter(Qwen3VLAdapter):
     model_type = "qwen3_5"
     hf_model_class = "Qwen3_5ForConditionalGeneration"
     display_name = "Qwen3.5"
@@ -69,13 +69,6 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
         gate = attn.q_proj(normed).view(B, T, -1, 2 * self.head_dim)[..., self.head_dim:]
         return out * torch.sigmoid(gate.reshape(B, T, -1))
 
-    # -- vision side ----------------------------------------------------------------------
-    def vit_token_order(self, grid_thw):
-        return None  # no window attention: the blocks keep the processor's order
-
-    def vision_depth(self):
-        return self.model.config.vision_config.depth
-
     # -- the family without a model ---------------------------------------------------------
     @classmethod
     def _config_classes(cls):
@@ -107,9 +100,7 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
             **{k: TINY_IDS[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
             **extra,
         )
-        vision_config = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
-                             patch_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden_size,
-                             num_position_embeddings=64, initializer_range=0.2)
+        vision_config = cls.vision_config(hidden_size, vision_depth)
         rest = {k: v for k, v in TINY_IDS.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
         return config_cls(text_config=text_config, vision_config=vision_config, **rest)
 
@@ -118,15 +109,22 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
         raise NotImplementedError("Qwen3.5: no config_of_size (the accuracy benchmark's small model is a Qwen2.5-VL)")
 
     @classmethod
+    def vision_config(cls, hidden_size, vision_depth) -> dict:
+        return dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                    patch_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden_size,
+                    num_position_embeddings=64, initializer_range=0.2)
+
+    @classmethod
     def cost_vision_spec(cls, config):
         from ..costmodel import VisionSpec
 
         vc = config.vision_config
-        return VisionSpec(kind="qwen3_vit", depth=vc.depth, width=vc.hidden_size, heads=vc.num_heads,
+        # Qwen3-VL's tower without deepstack: full attention in every block, a learned position grid.
+        return VisionSpec(kind="qwen_vit", depth=vc.depth, width=vc.hidden_size, heads=vc.num_heads,
                           intermediate=vc.intermediate_size, patch=vc.patch_size, in_channels=vc.in_channels,
                           out=vc.out_hidden_size, temporal_patch=vc.temporal_patch_size,
-                          merge=vc.spatial_merge_size, window=0, fullatt=tuple(range(vc.depth)),
-                          positions=vc.num_position_embeddings)
+                          merge=vc.spatial_merge_size, window=1 << 20, fullatt=tuple(range(vc.depth)), mlp="gelu",
+                          norm="layer", patch_bias=True, pos_embed=vc.num_position_embeddings)
 
     @classmethod
     def qkv_bias(cls, config):
@@ -139,7 +137,7 @@ class Qwen3_5MoeAdapter(Qwen3_5Adapter):
     model_type = "qwen3_5_moe"
     hf_model_class = "Qwen3_5MoeForConditionalGeneration"
     display_name = "Qwen3.5-MoE"
-    tiny_experts_implementation = "eager"
+    tiny_model_options = {"experts_implementation": "eager"}  # HF's grouped kernels take no float64
 
     @classmethod
     def _config_classes(cls):
