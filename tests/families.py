@@ -38,6 +38,10 @@ class Family:
     #: prompts of the contract batch with videos (sample 0 an image, sample 1 a video and then an
     #: image), for families that take videos; the contract runs a second time on them
     video_samples: Callable[[], list[SampleSpec]] | None = None
+    #: an image the processor encodes as one row of ``pixel_values`` (None: ``image`` is one);
+    #: transformers 5.17 repeats pixel_values row by row for beams, which scrambles the tiles of
+    #: an image whose tiles are rows (InternVL), patched or not
+    one_row_image: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)
 
     def with_videos(self) -> "Family":
@@ -95,6 +99,17 @@ FAMILIES = {
                samples=lambda: [SampleSpec(images=((64, 48),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((32, 32), (32, 64)), prefix_len=5, suffix_len=4)],
                decode_position=qwen_decode_position, image=(32, 32), video_samples=qwen_video_samples),
+        Family("internvl",
+               # 3x2 tiles + thumbnail; one tile; 1x3 tiles + thumbnail
+               samples=lambda: [SampleSpec(images=((64, 96),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((32, 32), (96, 32)), prefix_len=5, suffix_len=4)],
+               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(64, 64),
+               one_row_image=(32, 32)),
+        Family("llava_onevision",
+               # a 2x2 canvas shrunk by anyres_max; a wide canvas, unpadded; one tile
+               samples=lambda: [SampleSpec(images=((112, 112),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((60, 150), (56, 56)), prefix_len=5, suffix_len=4)],
+               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(112, 56)),
     ]
 }
 

@@ -252,7 +252,10 @@ class LMSpec:
 
 @dataclass(frozen=True)
 class VisionSpec:
-    """Vision tower sizes. ``kind``: ``qwen_vit`` (windowed ViT + 2x2 merger) or ``clip``."""
+    """Vision tower sizes. ``kind``: ``qwen_vit`` (windowed ViT + 2x2 merger), ``clip`` (CLS token,
+    projector ``w -> H -> H``), ``siglip`` (no CLS; an attention-pooling head when ``head``) or
+    ``internvit`` (CLS, layer-scale vectors, pixel shuffle of ``merge x merge`` patches into one
+    token, projector ``LayerNorm, merge^2 w -> H -> H``)."""
 
     kind: str
     depth: int
@@ -275,16 +278,29 @@ class VisionSpec:
     patch_bias: bool = False
     pos_embed: int = 0
     deepstack_mergers: int = 0
-    # clip
+    # clip, siglip, internvit
     image_size: int = 336
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    qkv_bias: bool = True
+    head: bool = False
+
+    @property
+    def cls_token(self) -> bool:
+        return self.kind in ("clip", "internvit")
+
+    @property
+    def shuffle(self) -> int:
+        """Patches per token side after the tower (InternViT's pixel shuffle; 1 otherwise)."""
+        return self.merge if self.kind == "internvit" else 1
 
     def block_params(self) -> int:
         w, I = self.width, self.intermediate
         if self.kind == "qwen_vit":  # qkv + proj with biases, the MLP with biases, two norms
             mlp = 3 * w * I + 2 * I + w if self.mlp == "swiglu" else 2 * w * I + I + w
             return (3 * w * w + 3 * w) + (w * w + w) + mlp + (2 if self.norm == "rms" else 4) * w
-        return (4 * w * w + 4 * w) + (2 * w * I + I + w) + 4 * w  # CLIP: q,k,v,o; fc1, fc2; two LayerNorms
+        # q,k,v,o; fc1, fc2; two LayerNorms (InternViT: two layer-scale vectors too)
+        attn = 4 * w * w + (3 * w if self.qkv_bias else 0) + w
+        return attn + (2 * w * I + I + w) + 4 * w + (2 * w if self.kind == "internvit" else 0)
 
     def params(self) -> int:
         w = self.width
@@ -296,9 +312,17 @@ class VisionSpec:
             merger = norm * w + mlp + self.deepstack_mergers * (norm * m + mlp)
             return patch + self.pos_embed * w + self.depth * self.block_params() + merger
         side = self.image_size // self.patch
-        emb = self.in_channels * self.patch**2 * w + w + (side * side + 1) * w
-        projector = w * self.out + self.out + self.out * self.out + self.out
-        return emb + 2 * w + self.depth * self.block_params() + 2 * w + projector  # pre/post LayerNorms
+        cls = 1 if self.cls_token else 0
+        conv = self.in_channels * self.patch**2 * w + (0 if self.kind == "clip" else w)  # CLIP's has no bias
+        emb = conv + (side * side + cls) * w + cls * w  # position embeddings, CLS embedding
+        m = w * self.shuffle**2
+        projector = m * self.out + self.out + self.out * self.out + self.out
+        if self.kind == "clip":  # pre- and post-LayerNorm
+            return emb + 2 * w + self.depth * self.block_params() + 2 * w + projector
+        if self.kind == "siglip":  # post-LayerNorm, attention-pooling head
+            head = (w + 4 * w * w + 4 * w + 2 * w + 2 * w * self.intermediate + self.intermediate + w) if self.head else 0
+            return emb + self.depth * self.block_params() + 2 * w + head + projector
+        return emb + self.depth * self.block_params() + 2 * m + projector  # internvit: projector LayerNorm
 
 
 @dataclass(frozen=True)
@@ -643,10 +667,10 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
         stages = {"embed": embed, "blocks": blocks, "merger": merger}
     else:
         side = v.image_size // v.patch
-        T = side * side + 1
+        T = side * side + (1 if v.cls_token else 0)
         t = tiles or 1
         embed = Cost(
-            proj_flops=2.0 * t * (T - 1) * v.in_channels * v.patch**2 * w, bytes=v.in_channels * v.patch**2 * w * b
+            proj_flops=2.0 * t * side * side * v.in_channels * v.patch**2 * w, bytes=v.in_channels * v.patch**2 * w * b
         )
         act = 2.0 * T * b * (6 * w + 2 * I)
         blocks = Cost(
@@ -655,9 +679,10 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
             attn_flops=v.depth * t * 4.0 * w * T * T,
             bytes=v.depth * (v.block_params() * b + t * act),
         )
-        H = v.out
+        H, m = v.out, w * v.shuffle**2
+        n = side * side // v.shuffle**2  # tokens the projector maps
         projector = Cost(
-            mlp_flops=t * 2.0 * (T - 1) * (w * H + H * H), bytes=(w * H + H * H) * b + t * (T - 1) * (w + 2 * H) * b
+            mlp_flops=t * 2.0 * n * (m * H + H * H), bytes=(m * H + H * H) * b + t * n * (m + 2 * H) * b
         )
         stages = {"embed": embed, "blocks": blocks, "projector": projector}
     # Weights are read once for the batch; everything else scales with it.

@@ -28,7 +28,7 @@ import torch
 
 from . import _ops, hf, nvtx
 from .instance_patch import WrappedMethod
-from .vision_capture import VisionCaptures, item_runs
+from .vision_capture import VisionCaptures, item_runs, layout_sizes
 from .reference import keep_mask_ref
 
 if TYPE_CHECKING:
@@ -528,6 +528,13 @@ class Runtime:
                 ctx.vision_features, ctx.image_grids, ctx.image_sizes, ctx.item_kinds = self.captures.take(
                     kinds, input_ids=ctx.input_ids, mask=ctx.attention_mask,
                     required=bool(self.method.vision_layers()))
+                if ctx.image_grids is not None:
+                    # A family whose vision pass cannot tell images apart (InternVL's tiles) regroups it.
+                    feats, layout = self.adapter.resolve_layout(ctx.vision_features, ctx.image_grids, visual)
+                    if layout is not ctx.image_grids:
+                        ctx.image_sizes = layout_sizes(layout)
+                        ctx.item_kinds = ["image"] * len(ctx.image_sizes)
+                    ctx.vision_features, ctx.image_grids = feats, layout
                 if ctx.image_sizes is None:
                     ctx.image_sizes, ctx.item_kinds = item_runs(kinds)
                 ctx.extra["pruned"] = True

@@ -164,7 +164,7 @@ def select_sample(model, inputs: dict, b: int) -> dict:
         tok = model.config.image_token_id
         counts = [_image_runs(row, tok) for row in inputs["input_ids"]]
         if counts[b]:
-            out.update(family.pixel_rows(inputs, sum(counts[:b]), counts[b]))
+            out.update(family.pixel_rows(inputs, sum(counts[:b]), counts[b], config=model.config))
     if "pixel_values_videos" in inputs:
         # Videos by their token counts: a video's tokens may come in several runs (one per frame).
         per_row = (inputs["input_ids"] == model.config.video_token_id).sum(1).tolist()

@@ -7,7 +7,9 @@ model, the tiny models and the tests) finds a family through this registry.
 from __future__ import annotations
 
 from .base import ModelAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
@@ -22,6 +24,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     Qwen3VLMoeAdapter.model_type: Qwen3VLMoeAdapter,
     Qwen3_5Adapter.model_type: Qwen3_5Adapter,
     Qwen3_5MoeAdapter.model_type: Qwen3_5MoeAdapter,
+    InternVLAdapter.model_type: InternVLAdapter,
+    LlavaOnevisionAdapter.model_type: LlavaOnevisionAdapter,
 }
 
 #: the family the command line's tiny models and demos use when none is named

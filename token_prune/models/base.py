@@ -293,6 +293,20 @@ class ModelAdapter:
         concatenated) and the token grid [n_images, 2] (rows, cols) of the images."""
         raise NotImplementedError
 
+    def resolve_layout(self, feats: list[torch.Tensor], layout, visual: torch.Tensor) -> tuple[list, object]:
+        """The vision features and layout a prefill uses, from the vision pass that fits its prompt.
+
+        Families whose vision pass cannot tell where one image ends (InternVL: tiles of every
+        image concatenated, the tile count of each image only in the prompt) record a per-tile
+        pass and regroup it here; the default returns the pass unchanged.
+
+        Args:
+            feats: per condition [N, C], as the adapter's hooks recorded them.
+            layout: their layout (a grid [n, 2] or (positions [N, 2], lengths)).
+            visual: [B, S] bool visual tokens of the prompt.
+        """
+        return feats, layout
+
     def decode_positions(self, runtime: "Runtime", kwargs: dict):
         """Fill in ``position_ids`` for a decode call on a pruned cache when the caller gave none."""
         return None
@@ -380,8 +394,9 @@ class ModelAdapter:
         raise NotImplementedError
 
     @classmethod
-    def pixel_rows(cls, inputs: dict, first: int, count: int) -> dict:
-        """The pixel inputs of images ``first .. first+count-1`` (prompt order) of a batch."""
+    def pixel_rows(cls, inputs: dict, first: int, count: int, config=None) -> dict:
+        """The pixel inputs of images ``first .. first+count-1`` (prompt order) of a batch
+        (``config``: the model's, for families whose pixel rows per image follow from it)."""
         raise NotImplementedError
 
     @classmethod
@@ -434,8 +449,9 @@ class ModelAdapter:
 
     @classmethod
     def qkv_bias(cls, config) -> bool:
-        """Whether the decoder's q/k/v projections have biases."""
-        return bool(getattr(config.text_config, "attention_bias", False))
+        """Whether the decoder's q/k/v projections have biases (a Qwen2 decoder always has them)."""
+        tc = config.text_config
+        return tc.model_type == "qwen2" or bool(getattr(tc, "attention_bias", False))
 
     @classmethod
     def head_norms(cls, config) -> bool:

@@ -284,7 +284,7 @@ class Qwen2VLAdapter(ModelAdapter):
         return {key: inputs[key][p0:p0 + sum(patches[first:first + count])], grid_key: grid[first:first + count]}
 
     @classmethod
-    def pixel_rows(cls, inputs, first, count):
+    def pixel_rows(cls, inputs, first, count, config=None):
         return cls._rows(inputs, "pixel_values", "image_grid_thw", first, count)
 
     @classmethod
