@@ -153,3 +153,36 @@ def test_memory_stats_by_hand(fam):
             assert [k == 0 for k in s["kv_len"]] == [hf.layer_kind(x) == hf.LINEAR
                                                       for x in model.model.language_model.layers]
     assert kept == S  # the ALVTS row kept everything; the GlimpsePrune row's bytes were smaller above
+
+
+def test_cost_model_of_the_9b_architecture():
+    """The shipped qwen3_5_9b config: parameter counts of the meta-built model reproduced by the cost
+    model; KV bytes only in the 8 attention layers, recurrent states in the 24 linear ones, by hand."""
+    from token_prune import bench
+    from token_prune import costmodel as cm
+
+    arch = bench.load_arch("qwen3_5_9b")
+    cfg = bench.hf_config(arch)
+    model = bench.build_model(arch, device="meta", dtype=torch.bfloat16)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    a = cm.arch_from_config(cfg)
+    assert count(model) == arch["params"]
+    assert a.lm.params() == count(model.model.language_model) + count(model.lm_head)
+    assert a.vision.params() == count(model.model.visual)
+    tc = cfg.text_config
+    attention = hf.attention_layers(tc)
+    assert len(attention) == 8 and len(a.lm.linear) == 24
+    layout = dict(text=36, visual=3136, prompt=3172)
+    kv_token = 2 * tc.num_key_value_heads * tc.head_dim * 2  # keys + values, bf16
+    conv_dim = 2 * tc.linear_num_key_heads * tc.linear_key_head_dim + tc.linear_num_value_heads * tc.linear_value_head_dim
+    state = conv_dim * tc.linear_conv_kernel_dim * 2 + tc.linear_num_value_heads * tc.linear_key_head_dim * tc.linear_value_head_dim * 4
+    kept = 36 + cm.kept_count(3136, 0.11)
+    for method, opts, kv in [("none", {}, [3172] * 8),
+                             ("glimpse", dict(K=19, keep_ratio=0.11), [kept] * 8),
+                             ("fastv", dict(K=3, keep_ratio=0.11), [3172] + [kept] * 7),
+                             ("alvts", dict(keep_ratio=0.11, skipped="drop"), [kept] * 8)]:
+        est = cm.estimate(a, layout, (1792, 1792), method, **opts)
+        assert [est["kv_len"][i] for i in attention] == kv
+        assert all(est["kv_len"][i] == 0 for i in a.lm.linear)
+        assert est["kv_cache_bytes"] == sum(kv) * kv_token
+        assert est["recurrent_state_bytes"] == 24 * state
