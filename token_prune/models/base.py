@@ -466,11 +466,6 @@ def head_norm(attn: torch.nn.Module, which: str, x: torch.Tensor) -> torch.Tenso
     norm = getattr(attn, f"{which}_norm", None)
     return x if norm is None else norm(x)
 
-def head_norm(attn: torch.nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, T, heads, d] through the attention's per-head RMSNorm ``q_norm`` / ``k_norm``
-    (decoders that normalise queries and keys per head before rotary), or unchanged without one."""
-    norm = getattr(attn, f"{which}_norm", None)
-    return x if norm is None else norm(x)
 
 
 def pil_to_tensor(image) -> torch.Tensor:
