@@ -39,7 +39,8 @@ of :data:`SUPPORTED`; 5.18 to 5.23 behave as 5.17 in every point below):
   (dicts of state index -> tensor), updated in place, and no ``get_seq_length``; the cache's own
   ``get_seq_length()`` reads the first attention layer. A linear layer given one token with a
   filled state takes the recurrent (decode) path, several tokens the chunked scan from the state.
-  The mixer's cache argument is ``cache_params`` up to 5.23 and ``cache`` from 5.24.
+  The mixer's cache argument is ``cache_params`` in 5.17 and ``cache`` in 5.24 (read off its
+  signature, like the layers' cache argument).
 * **Model construction.** ``PreTrainedModel._from_config(config, attn_implementation=, dtype=,
   experts_implementation=)``.
 * **Deepstack.** Qwen3-VL's language model takes ``visual_pos_masks`` ([B, S] bool) and
@@ -372,8 +373,8 @@ def recurrent_mask(config, hidden: torch.Tensor, mask2d: torch.Tensor | None):
 def call_linear_mixer(layer: torch.nn.Module, normed: torch.Tensor, *, mask, cache=None) -> torch.Tensor:
     """The token mixer of a linear-attention decoder layer alone (no residual, no MLP): ``normed``
     [B, S, H] (the layer's input after its input norm), ``mask`` from :func:`recurrent_mask`;
-    appends to ``cache``'s states like the layer. Returns [B, S, H]. The cache argument is
-    ``cache_params`` up to 5.23 and ``cache`` from 5.24."""
+    appends to ``cache``'s states like the layer. Returns [B, S, H]. The cache argument
+    (``cache_params`` in 5.17, ``cache`` in 5.24) is read off the mixer's signature."""
     mixer = layer.linear_attn
     params = inspect.signature(type(mixer).forward).parameters
     name = next(n for n in ("cache", "cache_params", "past_key_values") if n in params)
