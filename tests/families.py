@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from reference_model import llama_decode_position, llama_prefill_position, qwen_decode_position
+from token_prune import hf
 from token_prune.models import supported_models
 from token_prune.tiny import SampleSpec, make_inputs, tiny_model
 
@@ -90,6 +91,14 @@ FAMILIES = {
                samples=lambda: [SampleSpec(images=((112, 56),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((56, 112), (60, 60)), prefix_len=5, suffix_len=4)],
                decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(112, 112)),
+        Family("qwen3_5",
+               samples=lambda: [SampleSpec(images=((64, 48),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((32, 32), (32, 64)), prefix_len=5, suffix_len=4)],
+               decode_position=qwen_decode_position, image=(32, 32), video_samples=qwen_video_samples),
+        Family("qwen3_5_moe",
+               samples=lambda: [SampleSpec(images=((64, 48),), prefix_len=3, suffix_len=6),
+                                SampleSpec(images=((32, 32), (32, 64)), prefix_len=5, suffix_len=4)],
+               decode_position=qwen_decode_position, image=(32, 32), video_samples=qwen_video_samples),
         Family("internvl",
                # 3x2 tiles + thumbnail; one tile; 1x3 tiles + thumbnail
                samples=lambda: [SampleSpec(images=((64, 96),), prefix_len=3, suffix_len=6),
@@ -107,6 +116,20 @@ FAMILIES = {
                                                  prefix_len=5, suffix_len=4)]),
     ]
 }
+
+
+def pruning_layer(model, method: str, layer: int) -> int:
+    """``layer`` as a valid K of ``method`` on ``model``: unchanged, except that a method that reads
+    layer K's attention gets the nearest attention layer at or before it on a hybrid decoder (the
+    first one if none is), below the last layer where it would prune nothing there."""
+    from token_prune.methods import METHODS
+
+    cls = METHODS[method]
+    if not getattr(cls, "needs_attention_layer", False):
+        return layer
+    L = model.config.text_config.num_hidden_layers
+    valid = [i for i in hf.attention_layers(model.config.text_config) if cls.prunes_cache or i < L - 1]
+    return max((i for i in valid if i <= layer), default=valid[0])
 
 
 def family(model_type: str) -> Family:

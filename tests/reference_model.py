@@ -2,6 +2,14 @@
 sequence, with per-layer attention masks (forward pre-hooks) that hide the tokens a layer must
 not see, and forward hooks that make skipped rows pass through a layer unchanged.
 
+A linear-attention layer of a hybrid decoder (Qwen3.5's Gated DeltaNet) cannot be restricted by a
+mask: a hidden token would still decay the recurrent state and shift the causal convolution. Its
+rule is applied literally instead: the layer runs on the prompt with the hidden tokens *removed*
+(each sample's remaining rows gathered in order, left padded, with a matching padding mask), so
+its recurrent and conv states after the prefill are those of the shorter prompt; positions are
+untouched (the layer has none). This is "the unpatched model run on the prompt with the pruned
+tokens removed from layer K+1 on".
+
 None of the package's compaction, cache surgery, position or mask handling is used here, so
 agreement with the patched model is a real check of all of them.
 """
@@ -37,6 +45,10 @@ class masked_layers:
     def __enter__(self):
         B, S = self.valid.shape
         for li, layer in enumerate(_decoder_layers(self.model)):
+            if hf.layer_kind(layer) == hf.LINEAR:
+                self._linear_layer(li, layer)
+                continue
+
             def pre(module, args, kwargs, li=li):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 cache = hf.get_cache(kwargs)
@@ -68,6 +80,50 @@ class masked_layers:
 
                 self.hooks.append(layer.register_forward_hook(post, with_kwargs=True))
         return self
+
+    def _linear_layer(self, li, layer):
+        """Prefill: the layer scans only the prompt tokens of ``prefill[li]`` (removed, not masked);
+        its outputs go back to their rows, every other row (and each row of ``skip[li]``) keeps
+        its input. Decoding (the layer has states): untouched."""
+        stash = {}
+
+        def pre(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            stash.clear()
+            if hf.linear_states(hf.get_cache(kwargs), li):
+                return None
+            B, S = self.valid.shape
+            scan = self.prefill[li].to(hidden.device) & self.valid.to(hidden.device)
+            width = max(int(scan.sum(1).max()), 1)
+            short = hidden.new_zeros(B, width, hidden.shape[-1])
+            mask = torch.zeros(B, width, dtype=torch.long, device=hidden.device)
+            rows = []
+            for b in range(B):
+                idx = scan[b].nonzero()[:, 0]
+                short[b, width - len(idx):] = hidden[b, idx]
+                mask[b, width - len(idx):] = 1
+                rows.append(idx)
+            stash.update(hidden=hidden, rows=rows, width=width)
+            args = (short,) + tuple(args[1:]) if args else args
+            if not args:
+                kwargs["hidden_states"] = short
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        def post(module, args, kwargs, output):
+            if not stash:
+                return None
+            out = output[0] if isinstance(output, tuple) else output
+            full = stash["hidden"].clone()
+            for b, idx in enumerate(stash["rows"]):
+                full[b, idx] = out[b, stash["width"] - len(idx):]
+            if self.skip is not None:
+                skip = self.skip[li].to(full.device)
+                full = torch.where(skip[..., None], stash["hidden"], full)
+            return (full,) + tuple(output[1:]) if isinstance(output, tuple) else full
+
+        self.hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        self.hooks.append(layer.register_forward_hook(post, with_kwargs=True))
 
     def __exit__(self, *exc):
         for h in self.hooks:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import token_prune as tp
-from families import FAMILIES
+from families import FAMILIES, pruning_layer
 from reference_model import masked_generate
 from token_prune import hf
 from token_prune.methods import METHODS as REGISTERED
@@ -65,15 +65,18 @@ def fam(request):
     return row, row.build(torch.float64, seed=11).to(device)
 
 
-def _method(mid, **override):
+def _method(mid, model, **override):
     method, opts = METHODS[mid]
     opts = dict(opts, **override)
+    if "layer" in opts:
+        opts["layer"] = pruning_layer(model, method, opts["layer"])
     return method, opts
 
 
-def _with_start(method, opts, layer):
-    key = "start_layer" if method == "alvts" else "layer"
-    return dict(opts, **{key: layer})
+def _with_start(method, opts, layer, model=None):
+    if method == "alvts":
+        return dict(opts, start_layer=layer)
+    return dict(opts, layer=layer if model is None else pruning_layer(model, method, layer))
 
 
 def oracle_rules(handle, inputs, num_layers):
@@ -91,6 +94,17 @@ def oracle_rules(handle, inputs, num_layers):
     processed = [p & valid for p in method.last_processed]
     keys = processed if method.skipped == "drop" else [valid] * num_layers
     return keys, keys, [valid & ~p for p in processed]
+
+
+def cache_contents(model, rules, b):
+    """(kv_len, recurrent_tokens) of sample ``b`` per layer, as the oracle's rules say: an attention
+    layer caches the prompt tokens of its decode rule, a linear-attention layer caches no tokens but
+    its state scanned the prompt tokens of its prefill rule."""
+    prefill, decode, _ = rules
+    linear = [hf.layer_kind(layer) == hf.LINEAR for layer in model.model.language_model.layers]
+    kv = [0 if lin else int(decode[li][b].sum()) for li, lin in enumerate(linear)]
+    scanned = [int(prefill[li][b].sum()) if lin else 0 for li, lin in enumerate(linear)]
+    return kv, scanned
 
 
 def _generate(model, inputs, steps=STEPS):
@@ -116,7 +130,7 @@ def _oracle(row, model, inputs, handle_rules, steps=STEPS):
 @pytest.mark.parametrize("mid", sorted(METHODS))
 def test_keep_all_equals_unpatched(fam, mid):
     row, model = fam
-    method, opts = _method(mid, keep_ratio=1.0)
+    method, opts = _method(mid, model, keep_ratio=1.0)
     inputs = row.inputs(model, seed=1)
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
@@ -137,7 +151,7 @@ def test_keep_all_equals_unpatched_in_float32(mid, attn, family_name="qwen2_5_vl
     for name in sorted(FAMILIES):
         row = FAMILIES[name]
         model = row.build(torch.float32, seed=3, attn=attn)
-        method, opts = _method(mid, keep_ratio=1.0)
+        method, opts = _method(mid, model, keep_ratio=1.0)
         inputs = row.inputs(model, seed=2)
         valid = inputs["attention_mask"].bool()
         with torch.no_grad():
@@ -158,7 +172,7 @@ def test_keep_all_low_precision(mid, dtype):
     for name in sorted(FAMILIES):
         row = FAMILIES[name]
         model = row.build(dtype, seed=4)
-        method, opts = _method(mid, keep_ratio=1.0)
+        method, opts = _method(mid, model, keep_ratio=1.0)
         inputs = row.inputs(model, seed=3)
         valid = inputs["attention_mask"].bool()
         with torch.no_grad():
@@ -175,14 +189,14 @@ def test_keep_all_low_precision(mid, dtype):
 @pytest.mark.parametrize("layer", [0, 3, 5])
 def test_keep_all_at_any_layer(fam, mid, layer):
     row, model = fam
-    method, opts = _method(mid, keep_ratio=1.0)
+    method, opts = _method(mid, model, keep_ratio=1.0)
     if layer == model.config.text_config.num_hidden_layers - 1 and not getattr(REGISTERED[method], "prunes_cache", True):
         layer -= 1  # pruning after the last layer is refused where it would prune nothing
     inputs = row.inputs(model, seed=4)
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
         ref = model(**inputs).logits
-        with tp.patch(model, method=method, **_with_start(method, opts, layer)):
+        with tp.patch(model, method=method, **_with_start(method, opts, layer, model)):
             out = model(**inputs).logits
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-12, atol=1e-12)
 
@@ -193,10 +207,10 @@ def test_keep_all_at_any_layer(fam, mid, layer):
 @pytest.mark.parametrize("layer", [0, 2, 4])
 def test_pruned_generate_equals_masked_oracle(fam, mid, layer):
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = row.inputs(model, seed=5)
     L = model.config.text_config.num_hidden_layers
-    with torch.no_grad(), tp.patch(model, method=method, **_with_start(method, opts, layer)) as handle:
+    with torch.no_grad(), tp.patch(model, method=method, **_with_start(method, opts, layer, model)) as handle:
         tokens, first = _generate_with_logits(model, inputs)
         rules = oracle_rules(handle, inputs, L)  # of generate's prefill (random draws anew each call)
         stats = handle.stats
@@ -205,7 +219,9 @@ def test_pruned_generate_equals_masked_oracle(fam, mid, layer):
     torch.testing.assert_close(first, ref_first.to(first.dtype), rtol=1e-6, atol=1e-6)
     assert torch.equal(tokens, ref_tokens)
     for b, s in enumerate(stats):  # the handle reports what was really kept
-        assert s["kv_len"] == [int(rules[1][li][b].sum()) for li in range(L)]
+        kv, scanned = cache_contents(model, rules, b)
+        assert s["kv_len"] == kv
+        assert s.get("recurrent_tokens", [0] * L) == scanned
 
 
 @pytest.mark.parametrize("mid", sorted(METHODS))
@@ -213,7 +229,7 @@ def test_kept_counts_and_cache_contents(fam, mid):
     """Each image keeps (or each layer processes) exactly ceil(r * n) of its tokens, every text
     token stays, and every layer's KV cache is exactly as long as what that layer kept."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = row.inputs(model, seed=6)
     valid = inputs["attention_mask"].bool()
     kinds = adapter_for(model).visual_kinds(input_ids=inputs["input_ids"])
@@ -222,7 +238,7 @@ def test_kept_counts_and_cache_contents(fam, mid):
     with torch.no_grad(), tp.patch(model, method=method, **opts) as handle:
         out = model(**inputs)
         stats = handle.stats
-        _, decode, _ = oracle_rules(handle, inputs, L)
+        rules = oracle_rules(handle, inputs, L)
         keep = handle.keep_mask
     cache = hf.output_cache(out)
     for b, s in enumerate(stats):
@@ -239,9 +255,10 @@ def test_kept_counts_and_cache_contents(fam, mid):
             assert int((keep[b] & visual[b]).sum()) == want
         assert bool(keep[b][valid[b] & ~visual[b]].all())  # every text token stays
         assert not bool((keep[b] & ~valid[b]).any())
+    expected = [cache_contents(model, rules, b)[0] for b in range(len(stats))]
     for li in range(L):
-        assert hf.layer_length(cache, li) == int(decode[li].sum(1).max()), li
-        assert [s["kv_len"][li] for s in stats] == decode[li].sum(1).tolist()
+        assert hf.layer_length(cache, li) == max(e[li] for e in expected), li
+        assert [s["kv_len"][li] for s in stats] == [e[li] for e in expected]
 
 
 def _run_lengths(kinds_row: torch.Tensor, kind: int) -> list[int]:
@@ -261,7 +278,7 @@ def test_batch_equals_each_sample_alone(fam, mid):
     if mid == "random":
         pytest.skip("random pruning draws anew on every call, by design: a batch and its samples differ")
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     samples = row.samples()
     inputs = row.inputs(model, samples, seed=7)
     with torch.no_grad(), tp.patch(model, method=method, **opts) as handle:
@@ -278,7 +295,7 @@ def test_sample_without_an_image(fam, mid):
     """A text-only sample next to one with an image: nothing of it is pruned, and the batch still
     equals the oracle."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     samples = [SampleSpec(images=(row.image,)), SampleSpec(images=(), prefix_len=6, suffix_len=6)]
     inputs = make_inputs(model, samples, seed=8)
     valid = inputs["attention_mask"].bool()
@@ -295,7 +312,7 @@ def test_sample_without_an_image(fam, mid):
 @pytest.mark.parametrize("mid", sorted(METHODS))
 def test_text_only_batch_is_untouched(fam, mid):
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, [SampleSpec(images=(), prefix_len=7, suffix_len=3)], seed=9)
     with torch.no_grad():
         ref = _generate(model, inputs)
@@ -324,7 +341,7 @@ def test_manual_decode_continues_the_unpruned_numbering(fam, mid, with_mask):
     """A decode loop by hand that passes no positions (and, optionally, no mask) numbers the new
     tokens after the unpruned prompt, although the cache is shorter."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, [SampleSpec(images=(row.image,))], seed=10)  # one sample: no padding
     L = model.config.text_config.num_hidden_layers
     if with_mask and not _unpatched_decodes_with_a_mask(model, inputs):
@@ -346,7 +363,7 @@ def test_manual_decode_continues_the_unpruned_numbering(fam, mid, with_mask):
 @pytest.mark.parametrize("mid", sorted(METHODS))
 def test_remove_restores_bit_for_bit(fam, mid):
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = row.inputs(model, seed=12)
     # transformers registers output-capturing hooks of its own on some towers: compare with those.
     hooks = lambda: [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # noqa: E731
@@ -374,7 +391,7 @@ def test_remove_restores_bit_for_bit(fam, mid):
 ])
 def test_bad_options_raise_and_leave_the_model_unpatched(fam, mid, bad, exc, match):
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     if "layer" in bad:
         bad = _with_start(method, {}, bad["layer"])
     with pytest.raises(exc, match=match):

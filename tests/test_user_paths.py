@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import token_prune as tp
-from families import FAMILIES
+from families import FAMILIES, pruning_layer
 from reference_model import masked_forward, masked_generate, masked_layers
 from token_prune import hf
 from token_prune.methods.base import PruneAfterLayer
@@ -31,8 +31,11 @@ METHODS = {
 }
 
 
-def _method(mid):
-    return mid.split("-")[0], dict(METHODS[mid])
+def _method(mid, model):
+    method, opts = mid.split("-")[0], dict(METHODS[mid])
+    if "layer" in opts:
+        opts["layer"] = pruning_layer(model, method, opts["layer"])
+    return method, opts
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -64,7 +67,7 @@ def test_second_generate_continues_from_the_pruned_cache(fam, mid):
     """Turn 2 = the turn-1 answer and new user text appended, generate restarted on turn 1's
     cache: equal to the masked oracle that decodes turn 1, feeds the new text and goes on."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, [SampleSpec(images=(row.image,))], seed=1)
     L = model.config.text_config.num_hidden_layers
     more = torch.tensor([[17, 23, 29]])
@@ -105,10 +108,10 @@ def test_gradients_reach_the_layers_before_k(fam, mid):
     """d(loss)/d(weights of layer 0) through the pruned forward equals the masked oracle's: the
     compaction after K passes gradients back (float64)."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, row.samples(), seed=3)
     L = model.config.text_config.num_hidden_layers
-    weight = model.model.language_model.layers[0].self_attn.o_proj.weight  # (an MoE layer has no one MLP)
+    weight = model.model.language_model.layers[0].post_attention_layernorm.weight  # every family has one
     with tp.patch(model, method=method, **opts) as handle:
         out = model(**inputs, use_cache=False, **row.prompt_positions(model, inputs))
         (got,) = torch.autograd.grad(out.logits[:, -1].square().sum(), weight)
@@ -124,7 +127,7 @@ def test_deep_copy_of_a_patched_model_is_unpatched_and_leaves_the_original_alone
     inputs = make_inputs(model, row.samples(), seed=4)
     with torch.no_grad():
         plain = model(**inputs).logits
-        with tp.patch(model, method="glimpse", layer=2, keep_ratio=0.25) as handle:
+        with tp.patch(model, method="glimpse", layer=pruning_layer(model, "glimpse", 2), keep_ratio=0.25) as handle:
             pruned = model(**inputs).logits
             stats = [dict(s) for s in handle.stats]
             twin = copy.deepcopy(model)
@@ -132,7 +135,7 @@ def test_deep_copy_of_a_patched_model_is_unpatched_and_leaves_the_original_alone
             assert torch.equal(twin(**inputs).logits, plain)  # the copy prunes nothing
             assert handle.stats == stats  # ... and feeds nothing to the original's runtime
             assert torch.equal(model(**inputs).logits, pruned)
-            with tp.patch(twin, method="glimpse", layer=2, keep_ratio=0.25):
+            with tp.patch(twin, method="glimpse", layer=pruning_layer(twin, "glimpse", 2), keep_ratio=0.25):
                 assert torch.equal(twin(**inputs).logits, pruned)  # the copy can be patched itself
         assert torch.equal(model(**inputs).logits, plain)
 
@@ -142,7 +145,7 @@ def test_labels_give_the_loss_of_the_masked_oracle(fam, mid):
     """``model(**x, labels=...)`` on a patched model: the loss over the answer equals the oracle's
     loss; labels that score a pruned token raise."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, row.samples(), seed=5)
     L = model.config.text_config.num_hidden_layers
     labels = inputs["input_ids"].clone()
@@ -169,7 +172,7 @@ def test_embeddings_instead_of_ids_are_pruned_too(fam):
     L = model.config.text_config.num_hidden_layers
     by_embeds = {k: v for k, v in inputs.items() if k != "input_ids"}
     by_embeds["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
-    with torch.no_grad(), tp.patch(model, method="glimpse", layer=2, keep_ratio=0.25) as handle:
+    with torch.no_grad(), tp.patch(model, method="glimpse", layer=pruning_layer(model, "glimpse", 2), keep_ratio=0.25) as handle:
         model(**inputs)
         by_ids = handle.stats
         got = model(**by_embeds, use_cache=False, **row.prompt_positions(model, inputs)).logits
@@ -196,7 +199,7 @@ def test_beam_search_equals_the_masked_oracle(fam, mid):
     """num_beams=2 (generate repeats each prompt per beam, after one vision pass or several): the
     same beams as HF's beam search on the unpatched model under the rules of generate's prefill."""
     row, model = fam
-    method, opts = _method(mid)
+    method, opts = _method(mid, model)
     inputs = make_inputs(model, _one_image_each(row), seed=7)
     L = model.config.text_config.num_hidden_layers
     with torch.no_grad(), tp.patch(model, method=method, **opts) as handle:
@@ -213,7 +216,7 @@ def test_several_return_sequences_sample_like_the_oracle(fam):
     row, model = fam
     inputs = make_inputs(model, _one_image_each(row), seed=8)
     L = model.config.text_config.num_hidden_layers
-    with torch.no_grad(), tp.patch(model, method="glimpse", layer=2, keep_ratio=0.25) as handle:
+    with torch.no_grad(), tp.patch(model, method="glimpse", layer=pruning_layer(model, "glimpse", 2), keep_ratio=0.25) as handle:
         torch.manual_seed(0)
         got = model.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=3)
         mask = inputs["attention_mask"].repeat_interleave(3, 0)
@@ -230,7 +233,7 @@ def test_generate_without_a_cache_prunes_every_step_as_a_fresh_prefill(fam):
     the first pass are reused); equal to calling the patched model step by step."""
     row, model = fam
     inputs = make_inputs(model, [SampleSpec(images=(row.image,))], seed=9)
-    with torch.no_grad(), tp.patch(model, method="glimpse", layer=2, keep_ratio=0.25):
+    with torch.no_grad(), tp.patch(model, method="glimpse", layer=pruning_layer(model, "glimpse", 2), keep_ratio=0.25):
         got = _new(model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False), inputs)
         x, want = dict(inputs), []
         for _ in range(3):
@@ -252,7 +255,7 @@ def test_pruning_after_the_last_layer_is_refused(fam, method):
     with pytest.raises(ValueError, match=f"layer={L - 1} is the last decoder layer"):
         tp.patch(model, method=method, layer=L - 1)
     assert tp.get_handle(model) is None
-    tp.patch(model, method=method, layer=L - 2).remove()
+    tp.patch(model, method=method, layer=pruning_layer(model, method, L - 2)).remove()
 
 
 def test_a_vip_of_another_family_is_refused(fam):
@@ -271,8 +274,9 @@ def test_a_vip_of_another_family_is_refused(fam):
 @pytest.mark.parametrize("scalar", [np.float32(0.25), np.float64(0.25), torch.tensor(0.25)])
 def test_numpy_and_tensor_scalars_are_accepted_as_options(fam, scalar):
     _, model = fam
-    with tp.patch(model, method="fastv", keep_ratio=scalar, layer=np.int64(2)) as handle:
-        assert handle.options == {"layer": 2, "keep_ratio": 0.25}
+    K = pruning_layer(model, "fastv", 2)
+    with tp.patch(model, method="fastv", keep_ratio=scalar, layer=np.int64(K)) as handle:
+        assert handle.options == {"layer": K, "keep_ratio": 0.25}
         assert type(handle.options["keep_ratio"]) is float
 
 

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from . import hf
 from .api import get_handle
 from .methods.alvts import topk_per_image
 from .methods.alvts_selector import (LowRankSelector, check_form, default_form, default_rank, received_score,
@@ -146,7 +147,9 @@ def calibrate_alvts(model, samples, rank: int | None = None, steps: int = 200, l
     cls.check_rank(adapter, rank)
     lr = DEFAULT_LR[form] if lr is None else float(lr)
     relative_lr = form == "group_rope"
-    layers = list(range(start_layer, adapter.num_layers))
+    # Linear-attention layers of a hybrid decoder are scored with the next attention layer's q/k.
+    attention = hf.attention_layers(adapter.lm_config)
+    layers = sorted({next((j for j in attention if j >= i), attention[-1]) for i in range(start_layer, adapter.num_layers)})
     selector = cls.from_weights(adapter, rank, layers)
     param = next(model.parameters())
     selector.to(device=param.device)

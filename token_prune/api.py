@@ -22,8 +22,10 @@ class PatchHandle:
         stats: per-sample statistics of the last prefill, a list of dicts with
             ``prompt_len`` (real prompt tokens), ``visual_tokens``, ``kept_tokens``,
             ``keep_ratio``, ``images`` (per image ``tokens``/``kept``), ``kv_len`` (per decoder
-            layer, the sample's KV cache length after prefill) and ``kv_len_padded`` (per layer,
-            the padded cache length of the batch).
+            layer, the sample's KV cache length after prefill; 0 for a linear-attention layer),
+            ``kv_len_padded`` (per layer, the padded cache length of the batch), ``kv_bytes`` (the
+            sample's keys and values), and on a hybrid decoder ``recurrent_tokens`` (per layer,
+            prompt tokens a linear-attention layer's state scanned) and ``recurrent_state_bytes``.
     """
 
     def __init__(self, model, runtime: Runtime):

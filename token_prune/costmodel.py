@@ -112,6 +112,9 @@ def total(costs: dict[str, Cost]) -> Cost:
 
 # -- architecture ------------------------------------------------------------------------
 
+# The vision towers' shapes and costs live in costmodel_vision (re-exported here).
+from .costmodel_vision import VisionSpec, vision_cost  # noqa: E402
+
 
 @dataclass(frozen=True)
 class LMSpec:
@@ -123,6 +126,11 @@ class LMSpec:
     run for each token; the others have the dense ``intermediate`` MLP. FLOPs count the active
     experts only; parameters count all of them; weight bytes read count the experts a step's
     tokens reach (expected number under uniform routing).
+
+    Hybrid decoders (Qwen3.5): ``linear`` lists the Gated DeltaNet linear-attention layers
+    (``lin_*``: their key/value heads and head dims, ``conv_kernel`` their causal conv), whose
+    MLPs are those of the other layers; ``gated_attention``: the attention layers' ``q_proj``
+    also makes a per-head output gate.
     """
 
     layers: int
@@ -139,6 +147,13 @@ class LMSpec:
     experts_per_token: int = 0
     expert_intermediate: int = 0
     sparse_layers: int = 0
+    linear: tuple[int, ...] = ()
+    gated_attention: bool = False
+    lin_k_heads: int = 0
+    lin_v_heads: int = 0
+    lin_k_dim: int = 0
+    lin_v_dim: int = 0
+    conv_kernel: int = 0
 
     def _mlp_mean(self, dense: float, sparse: float) -> float:
         s = self.sparse_layers if self.experts else 0
@@ -159,10 +174,51 @@ class LMSpec:
         """Weights of one layer (mean over layers) read when ``tokens`` tokens go through it."""
         H = self.hidden
         if not self.experts:
-            return self.layer_params()
+            return self.decoder_params() / self.layers
         expert = 3 * H * self.expert_intermediate
         mlp = self._mlp_mean(3 * H * self.intermediate, self.experts_reached(tokens) * expert + H * self.experts)
-        return self._attn_params() + mlp + 2 * H
+        return self._mixer_mean() + mlp + 2 * H
+
+    @property
+    def attention_layers(self) -> int:
+        return self.layers - len(self.linear)
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of a linear-attention layer's conv (its q, k and v)."""
+        return 2 * self.lin_k_heads * self.lin_k_dim + self.lin_v_heads * self.lin_v_dim
+
+    def _linear_mixer_params(self) -> int:
+        """A Gated DeltaNet token mixer: qkv, z, b, a projections, conv, decay parameters, gated
+        norm, output projection."""
+        H, vd, vh = self.hidden, self.lin_v_heads * self.lin_v_dim, self.lin_v_heads
+        return H * self.conv_dim + H * vd + 2 * H * vh + self.conv_dim * self.conv_kernel + 2 * vh + self.lin_v_dim + vd * H
+
+    def _mixer_mean(self) -> float:
+        """Token-mixer parameters of one layer, mean over the layers."""
+        lin = len(self.linear)
+        return ((self.layers - lin) * self._attn_params() + lin * self._linear_mixer_params()) / self.layers
+
+    def linear_mixer_flops_per_token(self) -> tuple[float, float]:
+        """(projection + conv, recurrence) FLOPs of one token through one linear-attention layer;
+        the recurrence (decay, delta update and read of a d_k x d_v state per value head) is
+        counted as 6 d_k d_v per head, the chunked scan's order of work."""
+        H, vd, vh = self.hidden, self.lin_v_heads * self.lin_v_dim, self.lin_v_heads
+        proj = 2.0 * (H * self.conv_dim + H * vd + 2 * H * vh + vd * H) + 2.0 * self.conv_dim * self.conv_kernel
+        return proj, 6.0 * vh * self.lin_k_dim * self.lin_v_dim
+
+    def linear_state_bytes(self, dtype_bytes: int) -> int:
+        """One sample's states in one linear-attention layer: the conv state in the model's dtype,
+        the recurrent state in float32 (as HF keeps it)."""
+        return self.conv_dim * self.conv_kernel * dtype_bytes + self.lin_v_heads * self.lin_k_dim * self.lin_v_dim * 4
+
+    def linear_layer_params(self) -> float:
+        """A linear-attention layer: its mixer, the (mean) MLP and two RMSNorms."""
+        return self._linear_mixer_params() + self.layer_params() - self._attn_params()
+
+    def decoder_params(self) -> float:
+        """All decoder layers."""
+        return self.attention_layers * self.layer_params() + len(self.linear) * self.linear_layer_params()
 
     @property
     def q_width(self) -> int:
@@ -175,10 +231,11 @@ class LMSpec:
     def _attn_params(self) -> int:
         H, q, kv = self.hidden, self.q_width, self.kv_width
         norms = 2 * self.head_dim if self.head_norms else 0  # per-head q/k RMSNorm weights
-        return H * q + 2 * H * kv + q * H + ((q + 2 * kv) if self.qkv_bias else 0) + norms
+        gate = H * q if self.gated_attention else 0  # the gate's half of q_proj
+        return H * q + 2 * H * kv + q * H + ((q + 2 * kv) if self.qkv_bias else 0) + norms + gate
 
     def layer_params(self) -> float:
-        """Parameters of one layer (mean over the layers; every expert counted)."""
+        """Parameters of one attention layer (mean over the layers' MLPs; every expert counted)."""
         H = self.hidden
         mlp = self._mlp_mean(3 * H * self.intermediate, self.experts * (3 * H * self.expert_intermediate + H))
         return self._attn_params() + mlp + 2 * H  # + two RMSNorm weights
@@ -186,94 +243,20 @@ class LMSpec:
     def params(self) -> int:
         """Decoder layers, final norm, embedding and LM head."""
         emb = self.vocab * self.hidden
-        return round(self.layers * self.layer_params()) + self.hidden + emb + (0 if self.tied_embeddings else emb)
+        return round(self.decoder_params()) + self.hidden + emb + (0 if self.tied_embeddings else emb)
 
     def linear_flops_per_token(self) -> tuple[float, float]:
-        """(projection, MLP) FLOPs of one token through one layer (MLP: the active experts and the
-        router of a sparse layer; mean over the layers)."""
+        """(projection, MLP) FLOPs of one token through one attention layer (MLP: the active experts
+        and the router of a sparse layer; mean over the layers)."""
         H, q, kv = self.hidden, self.q_width, self.kv_width
         mlp = self._mlp_mean(3 * H * self.intermediate,
                              self.experts_per_token * 3 * H * self.expert_intermediate + H * self.experts)
-        return 2.0 * (H * q + 2 * H * kv + q * H), 2.0 * mlp
+        gate = 2.0 * H * q if self.gated_attention else 0.0
+        return 2.0 * (H * q + 2 * H * kv + q * H) + gate, 2.0 * mlp
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V of one token in one layer."""
         return 2 * self.kv_width * dtype_bytes
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    """Vision tower sizes. ``kind``: ``qwen_vit`` (windowed ViT + 2x2 merger), ``clip`` (CLS token,
-    projector ``w -> H -> H``), ``siglip`` (no CLS; an attention-pooling head when ``head``) or
-    ``internvit`` (CLS, layer-scale vectors, pixel shuffle of ``merge x merge`` patches into one
-    token, projector ``LayerNorm, merge^2 w -> H -> H``)."""
-
-    kind: str
-    depth: int
-    width: int
-    heads: int
-    intermediate: int
-    patch: int
-    in_channels: int = 3
-    out: int = 0  # LLM hidden size the tower (plus projector) produces
-    # qwen_vit
-    temporal_patch: int = 2
-    merge: int = 2
-    window: int = 112  # pixels
-    fullatt: tuple[int, ...] = ()
-    #: block MLP: ``swiglu`` (gate, up, down) or ``gelu`` (fc1, fc2); norms ``rms`` or ``layer``
-    mlp: str = "swiglu"
-    norm: str = "rms"
-    #: the patch embedding has a bias; learned position embeddings (rows); extra 2x2 mergers
-    #: whose outputs feed the decoder's deepstack (Qwen3-VL, normalised after the merge)
-    patch_bias: bool = False
-    pos_embed: int = 0
-    deepstack_mergers: int = 0
-    # clip, siglip, internvit
-    image_size: int = 336
-    grid_pinpoints: tuple[tuple[int, int], ...] = ()
-    qkv_bias: bool = True
-    head: bool = False
-
-    @property
-    def cls_token(self) -> bool:
-        return self.kind in ("clip", "internvit")
-
-    @property
-    def shuffle(self) -> int:
-        """Patches per token side after the tower (InternViT's pixel shuffle; 1 otherwise)."""
-        return self.merge if self.kind == "internvit" else 1
-
-    def block_params(self) -> int:
-        w, I = self.width, self.intermediate
-        if self.kind == "qwen_vit":  # qkv + proj with biases, the MLP with biases, two norms
-            mlp = 3 * w * I + 2 * I + w if self.mlp == "swiglu" else 2 * w * I + I + w
-            return (3 * w * w + 3 * w) + (w * w + w) + mlp + (2 if self.norm == "rms" else 4) * w
-        # q,k,v,o; fc1, fc2; two LayerNorms (InternViT: two layer-scale vectors too)
-        attn = 4 * w * w + (3 * w if self.qkv_bias else 0) + w
-        return attn + (2 * w * I + I + w) + 4 * w + (2 * w if self.kind == "internvit" else 0)
-
-    def params(self) -> int:
-        w = self.width
-        if self.kind == "qwen_vit":
-            patch = self.in_channels * self.temporal_patch * self.patch**2 * w + (w if self.patch_bias else 0)
-            m = w * self.merge**2
-            norm = 1 if self.norm == "rms" else 2  # LayerNorm: weight and bias
-            mlp = m * m + m + m * self.out + self.out
-            merger = norm * w + mlp + self.deepstack_mergers * (norm * m + mlp)
-            return patch + self.pos_embed * w + self.depth * self.block_params() + merger
-        side = self.image_size // self.patch
-        cls = 1 if self.cls_token else 0
-        conv = self.in_channels * self.patch**2 * w + (0 if self.kind == "clip" else w)  # CLIP's has no bias
-        emb = conv + (side * side + cls) * w + cls * w  # position embeddings, CLS embedding
-        m = w * self.shuffle**2
-        projector = m * self.out + self.out + self.out * self.out + self.out
-        if self.kind == "clip":  # pre- and post-LayerNorm
-            return emb + 2 * w + self.depth * self.block_params() + 2 * w + projector
-        if self.kind == "siglip":  # post-LayerNorm, attention-pooling head
-            head = (w + 4 * w * w + 4 * w + 2 * w + 2 * w * self.intermediate + self.intermediate + w) if self.head else 0
-            return emb + self.depth * self.block_params() + 2 * w + head + projector
-        return emb + self.depth * self.block_params() + 2 * m + projector  # internvit: projector LayerNorm
 
 
 @dataclass(frozen=True)
@@ -347,16 +330,23 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
     from .models import adapter_class
 
     family = adapter_class(config.model_type)
+    from . import hf
+
     tc = config.text_config
     heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    linear = tuple(i for i, t in enumerate(hf.layer_types(tc)) if t == hf.LINEAR)
+    hybrid = dict(linear=linear, gated_attention=True, lin_k_heads=tc.linear_num_key_heads,
+                  lin_v_heads=tc.linear_num_value_heads, lin_k_dim=tc.linear_key_head_dim,
+                  lin_v_dim=tc.linear_value_head_dim, conv_kernel=tc.linear_conv_kernel_dim) if linear else {}
     lm = LMSpec(
         layers=tc.num_hidden_layers,
         hidden=tc.hidden_size,
         heads=heads,
         kv_heads=tc.num_key_value_heads or heads,
         head_dim=head_dim,
-        intermediate=tc.intermediate_size,
+        # Qwen3.5-MoE has no dense MLP width: its shared expert stands in (not counted as an expert)
+        intermediate=getattr(tc, "intermediate_size", None) or tc.shared_expert_intermediate_size,
         vocab=tc.vocab_size,
         qkv_bias=family.qkv_bias(config),
         tied_embeddings=bool(
@@ -364,6 +354,7 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
         ),
         head_norms=family.head_norms(config),
         **_moe_sizes(tc),
+        **hybrid,
     )
     vision = family.cost_vision_spec(config)
     vip = VIPSpec(llm_heads=heads, vision_width=vision.width)
@@ -429,6 +420,27 @@ def lm_layer_cost(lm: LMSpec, n: int, pairs: float, batch: int = 1, dtype_bytes:
     return Cost(
         proj_flops=batch * n * proj, attn_flops=batch * attn, mlp_flops=batch * n * mlp, bytes=w + batch * (act + kv)
     )
+
+
+def linear_layer_cost(lm: LMSpec, n: int, batch: int = 1, dtype_bytes: int = 2, weights: bool = True,
+                      mlp_rows: int | None = None) -> Cost:
+    """One linear-attention layer scanning ``n`` tokens per sample (its MLP on ``mlp_rows``, default
+    ``n``); it writes its fixed-size states instead of a KV cache."""
+    proj, scan = lm.linear_mixer_flops_per_token()
+    _, mlp = lm.linear_flops_per_token()
+    rows = n if mlp_rows is None else mlp_rows
+    H, I = lm.hidden, lm.intermediate
+    act = 2.0 * n * dtype_bytes * (4 * H + 2 * lm.conv_dim) + 2.0 * rows * dtype_bytes * 3 * I
+    w = lm.linear_layer_params() * dtype_bytes if weights else 0
+    return Cost(proj_flops=batch * n * proj, attn_flops=batch * n * scan, mlp_flops=batch * rows * mlp,
+                bytes=w + batch * (act + lm.linear_state_bytes(dtype_bytes)))
+
+
+def stack_cost(lm: LMSpec, layers: range, n: int, pairs: float, batch: int = 1, dtype_bytes: int = 2) -> Cost:
+    """Decoder ``layers`` on ``n`` tokens per sample (``pairs`` causal pairs in each attention layer)."""
+    lin = sum(1 for i in layers if i in lm.linear)
+    out = lm_layer_cost(lm, n, pairs, batch, dtype_bytes).scaled(len(layers) - lin) if len(layers) > lin else Cost()
+    return out + linear_layer_cost(lm, n, batch, dtype_bytes).scaled(lin) if lin else out
 
 
 def _causal_pairs(n: int) -> float:
@@ -503,13 +515,13 @@ def lm_prefill_cost(
     m = text + k
     kvb = lm.kv_bytes_per_token(b)
     if method == "none":
-        return {"layers": lm_layer_cost(lm, n, _causal_pairs(n), batch, b).scaled(L)}
+        return {"layers": stack_cost(lm, range(L), n, _causal_pairs(n), batch, b)}
     if method in ("glimpse", "fastv"):
         if K is None:
             raise ValueError(f"{method}: K is needed")
         g = 1 if method == "glimpse" else 0
         full = n + g
-        stages = {"layers_0_K": lm_layer_cost(lm, full, _causal_pairs(full), batch, b).scaled(K + 1)}
+        stages = {"layers_0_K": stack_cost(lm, range(K + 1), full, _causal_pairs(full), batch, b)}
         if method == "glimpse":
             stages["vip"] = _vip_cost(arch, visual, K, batch)
         else:
@@ -519,17 +531,15 @@ def lm_prefill_cost(
                 bytes=batch * n * kvb / 2,
             )
         # Gather of the hidden states (+ the caches of layers 0..K for glimpse): read all, write kept.
-        cache_layers = (K + 1) if method == "glimpse" else 0
+        cache_layers = sum(1 for i in range(K + 1) if i not in lm.linear) if method == "glimpse" else 0
         stages["compact"] = Cost(bytes=batch * ((full + m) * lm.hidden * b + cache_layers * (full + m) * kvb))
-        stages["layers_K1_L"] = (
-            lm_layer_cost(lm, m, _causal_pairs(m), batch, b).scaled(L - K - 1) if L - K - 1 > 0 else Cost()
-        )
+        stages["layers_K1_L"] = stack_cost(lm, range(K + 1, L), m, _causal_pairs(m), batch, b)
         return stages
     if method == "alvts":
         s = start_layer
         stages = {}
         if s:
-            stages["layers_before_start"] = lm_layer_cost(lm, n, _causal_pairs(n), batch, b).scaled(s)
+            stages["layers_before_start"] = stack_cost(lm, range(s), n, _causal_pairs(n), batch, b)
         stages["select"] = selector_layer_cost(arch, n, batch, selector_form, alvts_rank).scaled(L - s)
         if skipped == "context":
             pairs = k * (visual + 1) / 2.0 + text * visual + _causal_pairs(text)
@@ -537,9 +547,11 @@ def lm_prefill_cost(
             skip = n - m  # K/V projections of the skipped rows: read their state, write their cache entries
             layer = layer + Cost(proj_flops=batch * skip * 2.0 * lm.hidden * 2 * lm.kv_width,
                                  bytes=batch * skip * (2 * lm.hidden * b + kvb))
-            stages["layers"] = layer.scaled(L - s)
+            # A linear-attention layer scans every token, its MLP runs on the selected rows only.
+            lin = sum(1 for i in range(s, L) if i in lm.linear)
+            stages["layers"] = layer.scaled(L - s - lin) + linear_layer_cost(lm, n, batch, b, mlp_rows=m).scaled(lin)
         elif skipped == "drop":
-            stages["layers"] = lm_layer_cost(lm, m, _causal_pairs(m), batch, b).scaled(L - s)
+            stages["layers"] = stack_cost(lm, range(s, L), m, _causal_pairs(m), batch, b)
         else:
             raise ValueError(f"skipped must be 'context' or 'drop', got {skipped!r}")
         # Gather of the processed rows, clone + scatter back into the full residual stream.
@@ -557,80 +569,6 @@ def lm_head_cost(arch: Arch, batch: int = 1, tokens: int = 1) -> Cost:
     )
 
 
-def _window_sizes(gh: int, gw: int, win: int) -> list[int]:
-    """Merged tokens per window of a ``gh x gw`` merged grid cut into ``win x win`` windows."""
-    sizes = []
-    for r0 in range(0, gh, win):
-        for c0 in range(0, gw, win):
-            sizes.append(min(win, gh - r0) * min(win, gw - c0))
-    return sizes
-
-
-def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: int | None = None,
-                frame_groups: int = 1) -> dict[str, Cost]:
-    """Vision tower (+ merger / projector) for ``batch`` images of ``image_hw`` pixels, or for
-    ``batch`` videos of ``frame_groups`` temporal groups of that size (the Qwen ViTs attend within
-    each group, so a video costs its groups' images)."""
-    batch = batch * frame_groups
-    v, b = arch.vision, arch.dtype_bytes
-    w, I = v.width, v.intermediate
-    if v.kind == "qwen_vit":
-        h, wd = image_hw
-        gh, gw = h // v.patch, wd // v.patch
-        P = gh * gw
-        patch_dim = v.in_channels * v.temporal_patch * v.patch**2
-        embed = Cost(proj_flops=2.0 * P * patch_dim * w, bytes=patch_dim * w * b + P * (patch_dim + w) * b)
-        mg = v.merge
-        win = v.window // mg // v.patch
-        window_pairs = sum((s * mg * mg) ** 2 for s in _window_sizes(gh // mg, gw // mg, win))
-        full_blocks = sum(1 for i in v.fullatt if 0 <= i < v.depth)
-        proj = 2.0 * P * 4 * w * w
-        mats = 3 if v.mlp == "swiglu" else 2
-        mlp = 2.0 * P * mats * w * I
-        act = 2.0 * P * b * (6 * w + mats * I)
-        blocks = Cost(
-            proj_flops=v.depth * proj,
-            mlp_flops=v.depth * mlp,
-            attn_flops=4.0 * w * (full_blocks * P * P + (v.depth - full_blocks) * window_pairs),
-            bytes=v.depth * (v.block_params() * b + act),
-        )
-        m = w * mg * mg
-        Pm = P // (mg * mg)
-        n_merge = 1 + v.deepstack_mergers
-        merger = Cost(
-            mlp_flops=n_merge * 2.0 * Pm * (m * m + m * v.out),
-            bytes=n_merge * ((m * m + m * v.out) * b + 2.0 * Pm * (2 * m + v.out) * b),
-        )
-        stages = {"embed": embed, "blocks": blocks, "merger": merger}
-    else:
-        side = v.image_size // v.patch
-        T = side * side + (1 if v.cls_token else 0)
-        t = tiles or 1
-        embed = Cost(
-            proj_flops=2.0 * t * side * side * v.in_channels * v.patch**2 * w, bytes=v.in_channels * v.patch**2 * w * b
-        )
-        act = 2.0 * T * b * (6 * w + 2 * I)
-        blocks = Cost(
-            proj_flops=v.depth * t * 2.0 * T * 4 * w * w,
-            mlp_flops=v.depth * t * 2.0 * T * 2 * w * I,
-            attn_flops=v.depth * t * 4.0 * w * T * T,
-            bytes=v.depth * (v.block_params() * b + t * act),
-        )
-        H, m = v.out, w * v.shuffle**2
-        n = side * side // v.shuffle**2  # tokens the projector maps
-        projector = Cost(
-            mlp_flops=t * 2.0 * n * (m * H + H * H), bytes=(m * H + H * H) * b + t * n * (m + 2 * H) * b
-        )
-        stages = {"embed": embed, "blocks": blocks, "projector": projector}
-    # Weights are read once for the batch; everything else scales with it.
-    out = {}
-    for name, c in stages.items():
-        out[name] = Cost(
-            c.proj_flops * batch, c.attn_flops * batch, c.mlp_flops * batch, c.other_flops * batch, c.bytes * batch
-        )
-    return out
-
-
 def kv_lens(
     arch: Arch,
     text: int,
@@ -643,7 +581,13 @@ def kv_lens(
     kept: int | None = None,
     skipped: str = "context",
 ) -> list[int]:
-    """Per-layer KV cache length of one sample right after prefill."""
+    """Per-layer KV cache length of one sample right after prefill (0 for a linear-attention layer)."""
+    kv = _kv_lens(arch, text, visual, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, kept=kept,
+                  skipped=skipped)
+    return [0 if i in arch.lm.linear else c for i, c in enumerate(kv)]
+
+
+def _kv_lens(arch, text, visual, method, *, keep_ratio, K, start_layer, kept, skipped) -> list[int]:
     L = arch.lm.layers
     n = text + visual
     m = text + (kept if kept is not None else kept_count(visual, keep_ratio))
@@ -667,14 +611,18 @@ def decode_step_cost(arch: Arch, kv: list[int], batch: int = 1, generated: int =
     lm, b = arch.lm, arch.dtype_bytes
     proj, mlp = lm.linear_flops_per_token()
     kvb = lm.kv_bytes_per_token(b)
-    ctx = sum(c + generated for c in kv)
+    A, lin = lm.attention_layers, len(lm.linear)
+    ctx = sum(c + generated for i, c in enumerate(kv) if i not in lm.linear)
+    lin_proj, lin_scan = lm.linear_mixer_flops_per_token()
     layers = Cost(
-        proj_flops=batch * lm.layers * proj + 2.0 * batch * lm.hidden * lm.vocab,
+        proj_flops=batch * (A * proj + lin * lin_proj) + 2.0 * batch * lm.hidden * lm.vocab,
         mlp_flops=batch * lm.layers * mlp,
         bytes=(lm.layers * lm.read_layer_params(batch) + lm.hidden + lm.hidden * lm.vocab) * b,
     )
+    # Linear-attention layers read and write their fixed-size states instead of a growing cache.
     cache = Cost(
-        attn_flops=4.0 * lm.heads * lm.head_dim * batch * (ctx + lm.layers), bytes=batch * (ctx * kvb + lm.layers * kvb)
+        attn_flops=4.0 * lm.heads * lm.head_dim * batch * (ctx + A) + batch * lin * lin_scan,
+        bytes=batch * (ctx * kvb + A * kvb + 2 * lin * lm.linear_state_bytes(b)),
     )
     return {"weights": layers, "kv": cache}
 
@@ -745,6 +693,7 @@ def estimate(
         },
         "kv_len": kv,
         "kv_cache_bytes": batch * sum(kv) * arch.lm.kv_bytes_per_token(arch.dtype_bytes),
+        "recurrent_state_bytes": batch * len(arch.lm.linear) * arch.lm.linear_state_bytes(arch.dtype_bytes),
         "weights_bytes": (arch.lm.params() + arch.vision.params()) * arch.dtype_bytes,
         "floor": prefill_floor(arch.lm.layers, K, keep_ratio, method, start_layer),
     }

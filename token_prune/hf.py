@@ -29,6 +29,19 @@ of :data:`SUPPORTED`; 5.18 to 5.23 behave as 5.17 in every point below):
   ``[B, S, head_dim]`` (position ids ``[3, B, S]`` for M-RoPE, ``[B, S]`` for 1D), entries ``f``
   and ``f + head_dim/2`` holding the same frequency, and the ``rotate_half`` convention (halves,
   not interleaved pairs; :func:`rotary_pairs`, :func:`rotate_at_frequencies`).
+* **Hybrid decoders** (Qwen3.5). ``text_config.layer_types`` lists ``"linear_attention"`` (a Gated
+  DeltaNet token mixer ``layer.linear_attn``: no KV cache, a causal-conv state and a recurrent
+  state) and ``"full_attention"`` (``layer.self_attn``). Each layer kind gets its own mask: the
+  causal mask above for attention layers, ``masking_utils.create_recurrent_attention_mask`` (the
+  2D padding mask of the new tokens, None for a single token or no padding) for linear layers;
+  a linear layer zeroes the hidden states of padding rows, so left padding leaves its state
+  untouched. The cache entry of a linear layer is a ``LinearAttentionLayer`` with
+  ``conv_states[0]`` [B, conv_dim, kernel] and ``recurrent_states[0]`` [B, v_heads, d_k, d_v]
+  (dicts of state index -> tensor), updated in place, and no ``get_seq_length``; the cache's own
+  ``get_seq_length()`` reads the first attention layer. A linear layer given one token with a
+  filled state takes the recurrent (decode) path, several tokens the chunked scan from the state.
+  The mixer's cache argument is ``cache_params`` in 5.17 and ``cache`` in 5.24 (read off its
+  signature, like the layers' cache argument).
 * **Model construction.** ``PreTrainedModel._from_config(config, attn_implementation=, dtype=,
   experts_implementation=)``.
 * **Deepstack.** Qwen3-VL's language model takes ``visual_pos_masks`` ([B, S] bool) and
@@ -190,7 +203,7 @@ def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, *, mask, rope, text
         layer: a decoder layer of a supported language model.
         hidden: [B, S, H] its input.
         mask: the attention mask in the form the model's attention implementation expects
-            (from :func:`causal_mask`), or None.
+            (from :func:`causal_mask`), a ``{layer kind: mask}`` dict for hybrid decoders, or None.
         rope: ``(cos, sin)`` [B, S, head_dim].
         text_pos: [B, S] text positions (Qwen's packed-sequence row), or None.
         cache: a DynamicCache the layer appends its keys/values to, or None.
@@ -199,6 +212,8 @@ def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, *, mask, rope, text
     Returns:
         [B, S, H] the layer's output.
     """
+    if isinstance(mask, dict):
+        mask = mask[layer_kind(layer)]
     out = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=text_pos,
                 use_cache=use_cache, **cache_kwargs(layer, cache), **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -206,11 +221,17 @@ def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, *, mask, rope, text
 
 def causal_mask(config, hidden: torch.Tensor, mask2d: torch.Tensor | None):
     """The attention mask HF's attention implementations expect for a prefill over ``hidden``
-    [B, S, H] from an empty cache, with padding mask ``mask2d`` [B, S] (or None)."""
+    [B, S, H] from an empty cache, with padding mask ``mask2d`` [B, S] (or None).
+
+    For a hybrid decoder (:func:`has_linear_layers`) a dict ``{layer kind: mask}`` that
+    :func:`call_layer` resolves per layer (linear layers get the 2D padding mask or None)."""
     from transformers.masking_utils import create_causal_mask
 
-    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask2d, position_ids=None,
+    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask2d, position_ids=None,
                               **cache_kwargs(create_causal_mask, None))
+    if not has_linear_layers(config):
+        return mask
+    return {FULL: mask, LINEAR: recurrent_mask(config, hidden, mask2d)}
 
 
 def attn_implementation(config) -> str:
@@ -247,8 +268,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, heads, S, d] rotated by tables [B, S, d]."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """``x`` [B, heads, S, d] rotated by tables [B, S, r] (r <= d: partial rotary, as Qwen3.5's
+    attention layers use it, rotates the first r channels and passes the rest)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat([rot * cos[:, None] + rotate_half(rot) * sin[:, None], rest], -1)
 
 
 def rotary_pairs(rows: torch.Tensor) -> torch.Tensor:
@@ -321,15 +347,119 @@ def set_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) ->
 
 
 def layer_length(cache, layer: int = 0) -> int:
-    """Tokens decoder layer ``layer`` has cached (0 for a layer that has cached nothing yet)."""
-    if cache is None or len(cache.layers) <= layer:
+    """Tokens decoder layer ``layer`` has cached (0 for a layer that has cached nothing yet, and
+    for a linear-attention layer, which caches no tokens)."""
+    if cache is None or len(cache.layers) <= layer or is_linear_cache_layer(cache, layer):
         return 0
     return int(cache.layers[layer].get_seq_length())
+
+
+def cache_length(cache) -> int:
+    """Tokens the cache holds as HF counts them: the first attention layer's length (0 for None or
+    an empty cache). Decoding on a pruned cache uses it to tell a prefill from a decode step."""
+    if cache is None:
+        return 0
+    for i in range(len(cache.layers)):
+        if not is_linear_cache_layer(cache, i):
+            return layer_length(cache, i)
+    return 0
 
 
 def cache_update(cache, keys: torch.Tensor, values: torch.Tensor, layer: int):
     """Append keys/values [B, kv_heads, T, d] to layer ``layer``; returns everything cached there."""
     return cache.update(keys, values, layer)
+
+
+# -- hybrid decoders: linear-attention layers ------------------------------------------------
+
+#: layer kinds of ``config.layer_types``
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+def layer_types(config) -> list[str]:
+    """Kind of each decoder layer of a language-model ``config``: ``"full_attention"`` or
+    ``"linear_attention"`` (a model without ``layer_types`` is all attention)."""
+    types = getattr(config, "layer_types", None)
+    return list(types) if types else [FULL] * config.num_hidden_layers
+
+
+def has_linear_layers(config) -> bool:
+    """Whether the decoder interleaves linear-attention layers with attention layers."""
+    return LINEAR in layer_types(config)
+
+
+def attention_layers(config) -> list[int]:
+    """Indices of the decoder layers that attend over a KV cache (not linear attention)."""
+    return [i for i, t in enumerate(layer_types(config)) if t != LINEAR]
+
+
+def layer_kind(layer: torch.nn.Module) -> str:
+    """``"linear_attention"`` for a decoder layer whose token mixer is linear attention, else
+    ``"full_attention"``."""
+    return LINEAR if hasattr(layer, "linear_attn") else FULL
+
+
+def recurrent_mask(config, hidden: torch.Tensor, mask2d: torch.Tensor | None):
+    """The mask HF gives a linear-attention layer for the tokens ``hidden`` [B, q, H]: the last
+    ``q`` columns of the 2D padding mask ``mask2d`` [B, >=q], or None (no padding, one token)."""
+    from transformers.masking_utils import create_recurrent_attention_mask
+
+    return create_recurrent_attention_mask(config, hidden, mask2d)
+
+
+def call_linear_mixer(layer: torch.nn.Module, normed: torch.Tensor, *, mask, cache=None) -> torch.Tensor:
+    """The token mixer of a linear-attention decoder layer alone (no residual, no MLP): ``normed``
+    [B, S, H] (the layer's input after its input norm), ``mask`` from :func:`recurrent_mask`;
+    appends to ``cache``'s states like the layer. Returns [B, S, H]. The cache argument
+    (``cache_params`` in 5.17, ``cache`` in 5.24) is read off the mixer's signature."""
+    mixer = layer.linear_attn
+    params = inspect.signature(type(mixer).forward).parameters
+    name = next(n for n in ("cache", "cache_params", "past_key_values") if n in params)
+    return mixer(hidden_states=normed, attention_mask=mask, **{name: cache})
+
+
+def is_linear_cache_layer(cache, layer: int) -> bool:
+    """Whether cache entry ``layer`` holds linear-attention states (no keys/values)."""
+    return layer < len(cache.layers) and hasattr(cache.layers[layer], "recurrent_states")
+
+
+def _linear_state_slots(cache, layer: int) -> list[tuple[dict, int]]:
+    if cache is None or not is_linear_cache_layer(cache, layer):
+        return []
+    entry = cache.layers[layer]
+    return [(states, k) for states in (entry.conv_states, entry.recurrent_states) for k, t in states.items()
+            if t is not None]
+
+
+def linear_states(cache, layer: int) -> list[torch.Tensor]:
+    """The state tensors a linear-attention layer has cached: its conv states [B, conv_dim,
+    kernel] and recurrent states [B, v_heads, d_k, d_v] (empty before the layer has run)."""
+    return [states[k] for states, k in _linear_state_slots(cache, layer)]
+
+
+def linear_state_bytes(cache, layer: int) -> int:
+    """Bytes one sample's states take in linear-attention layer ``layer`` (0 if none yet)."""
+    return sum(t[0].numel() * t.element_size() for t in linear_states(cache, layer))
+
+
+class preserved_linear_state:
+    """Context manager: whatever runs inside leaves linear-attention layer ``layer``'s cached
+    states as they were on entry (tokens scanned inside do not stay in the recurrence)."""
+
+    def __init__(self, cache, layer: int):
+        self.saved = [(states, k, states[k].clone()) for states, k in _linear_state_slots(cache, layer)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        # In place where the layer kept the tensor (its states have static addresses for graphs).
+        for states, k, saved in self.saved:
+            if states[k].shape == saved.shape:
+                states[k].copy_(saved)
+            else:
+                states[k] = saved
+        return False
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -387,6 +517,8 @@ def rope_deltas(multimodal_model) -> torch.Tensor | None:
 
 __all__ = [
     "SUPPORTED", "CACHE_NAMES", "DEEPSTACK_ARGS", "add_deepstack", "apply_rotary", "attention_function", "attn_implementation", "cache_arg",
+    "FULL", "LINEAR", "attention_layers", "cache_length", "has_linear_layers", "is_linear_cache_layer", "layer_kind", "call_linear_mixer",
+    "layer_types", "linear_state_bytes", "linear_states", "preserved_linear_state", "recurrent_mask",
     "cache_kwargs", "cache_layers", "cache_update", "call_layer", "causal_mask", "get_cache", "in_supported_range",
     "is_dynamic_cache", "layer_kv", "layer_length", "lm_output", "model_from_config", "new_cache", "output_cache", "pop_cache", "pop_deepstack",
     "rope_deltas", "rotary", "rotary_pairs", "rotate_at_frequencies", "rotate_half", "select_best_resolution",

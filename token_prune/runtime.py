@@ -208,6 +208,38 @@ def sample_stats(batch: TokenBatch, keep_vis: torch.Tensor, sizes: list[int], ki
     return stats
 
 
+def memory_stats(stats: list[dict], masks: list[torch.Tensor], cache, attention: list[int]) -> None:
+    """Add each sample's cache footprint after prefill to its ``stats`` entry (in place).
+
+    ``kv_len`` (per layer, prompt tokens the layer's KV cache holds; 0 for a linear-attention
+    layer), ``kv_len_padded`` (per layer, the padded length stored), ``kv_bytes`` (the sample's
+    keys and values over all attention layers, at its own ``kv_len``); for a hybrid decoder also
+    ``recurrent_tokens`` (per layer, prompt tokens scanned into a linear-attention layer's state;
+    0 for attention layers) and ``recurrent_state_bytes`` (the sample's conv + recurrent states,
+    a fixed size whatever was pruned).
+    """
+    L = len(masks)
+    att = set(attention)
+    counts = torch.stack([m.bool().sum(1) for m in masks], 1).tolist()  # [B, layers]
+    per_token = []
+    for i in range(L):
+        if i in att and hf.layer_length(cache, i) > 0:
+            k, v = hf.layer_kv(cache, i)
+            per_token.append((k[0, :, 0].numel() * k.element_size()) + (v[0, :, 0].numel() * v.element_size()))
+        else:
+            per_token.append(0)
+    hybrid = len(att) < L
+    state_bytes = sum(hf.linear_state_bytes(cache, i) for i in range(L) if i not in att)
+    padded = [hf.layer_length(cache, i) for i in range(L)]
+    for b, s in enumerate(stats):
+        s["kv_len"] = [counts[b][i] if i in att else 0 for i in range(L)]
+        s["kv_len_padded"] = padded
+        s["kv_bytes"] = sum(n * t for n, t in zip(s["kv_len"], per_token))
+        if hybrid:
+            s["recurrent_tokens"] = [0 if i in att else counts[b][i] for i in range(L)]
+            s["recurrent_state_bytes"] = state_bytes
+
+
 @dataclass
 class PrefillResult:
     """What a method's prefill hands back to the runtime.
@@ -217,7 +249,8 @@ class PrefillResult:
         batch: the tokens those rows are (``batch.index`` maps rows to prompt positions).
         stats: one dict per sample.
         layer_masks: per decoder layer, [B, C_l] padding mask of what that layer's KV cache
-            holds after prefill (C_l its padded length). None: every layer holds ``batch``.
+            holds after prefill (C_l its padded length; for a linear-attention layer, the tokens
+            its recurrent state scanned). None: every layer holds ``batch``.
     """
 
     hidden: torch.Tensor
@@ -231,26 +264,36 @@ class PrunedCacheState:
     """What decoding needs to know about a cache that was pruned during prefill.
 
     ``prompt_len`` is the unpruned prompt length HF's 2D mask starts with; ``layer_masks[l]``
-    [B, C_l] the padding mask of the prompt tokens layer l's cache kept. When every layer kept
-    the same tokens (``uniform``), decoding can use HF's own forward with a remapped mask;
-    otherwise each layer needs its own mask.
+    [B, C_l] the padding mask of the prompt tokens layer l's cache kept (for a linear-attention
+    layer: the prompt tokens its recurrent state scanned; it caches no tokens). When every
+    attention layer kept the same tokens (``uniform``), decoding can use HF's own forward with a
+    remapped mask; otherwise each layer needs its own mask. ``attention`` lists the attention
+    layers (all layers but the linear-attention ones of a hybrid decoder).
     """
 
     cache_ref: weakref.ref
     prompt_len: int
     layer_masks: list[torch.Tensor]
+    attention: list[int] | None = None
+
+    @property
+    def ref_layer(self) -> int:
+        """The layer whose cache length counts decoded tokens (the first attention layer)."""
+        return self.attention[0] if self.attention else 0
 
     @property
     def uniform(self) -> bool:
-        first = self.layer_masks[0]
-        return all(m is first for m in self.layer_masks)
+        layers = self.attention if self.attention is not None else range(len(self.layer_masks))
+        first = self.layer_masks[self.ref_layer]
+        return all(self.layer_masks[i] is first for i in layers)
 
     def owns(self, cache) -> bool:
         return cache is not None and self.cache_ref() is cache
 
     def next_position(self, cache) -> int:
         """Unpruned index of the next token: prompt length plus tokens decoded since prefill."""
-        return self.prompt_len + hf.layer_length(cache, 0) - self.layer_masks[0].shape[1]
+        ref = self.ref_layer
+        return self.prompt_len + hf.layer_length(cache, ref) - self.layer_masks[ref].shape[1]
 
     def layer_mask(self, layer: int, attention_mask: torch.Tensor | None, q_len: int, cache_len: int) -> torch.Tensor:
         """Map generate's full-length mask [B, prompt_len + t] onto layer ``layer``'s cache.
@@ -466,7 +509,7 @@ class Runtime:
         ctx = self.ctx
         other = hf.pop_cache(kwargs)
         cache = cache if cache is not None else other
-        cache_len = hf.layer_length(cache, 0)
+        cache_len = hf.cache_length(cache)
         if cache_len == 0:
             visual = kinds = None
             if ctx is not None:
@@ -509,8 +552,7 @@ class Runtime:
             if attention_mask is not None:
                 new = attention_mask.shape[1] - self.pruned.next_position(cache)
             elif position_ids is not None:
-                pos, text = self.adapter.split_positions(position_ids, ref.shape[0], q_len, ref.device)
-                text = pos[0] if text is None else text
+                text = self.adapter.text_positions(position_ids, ref.shape[0], q_len, ref.device)
                 new = int((text[0] >= self.pruned.next_position(cache)).sum())
             if 0 < new < q_len:
                 q_len = new
@@ -523,7 +565,7 @@ class Runtime:
             if not self.pruned.uniform:
                 return self._layerwise_decode(lm, input_ids, attention_mask, position_ids, cache,
                                               inputs_embeds, use_cache, kwargs)
-            attention_mask = self.pruned.layer_mask(0, attention_mask, q_len, cache_len)
+            attention_mask = self.pruned.layer_mask(self.pruned.ref_layer, attention_mask, q_len, cache_len)
         return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     inputs_embeds=inputs_embeds, use_cache=use_cache, **hf.cache_kwargs(orig, cache), **kwargs)
 
@@ -582,11 +624,10 @@ class Runtime:
             if masks is None:
                 shared = out.valid.long()
                 masks = [shared] * hf.cache_layers(cache)
-            self.pruned = PrunedCacheState(cache_ref=weakref.ref(cache), prompt_len=S, layer_masks=masks)
-            kv = torch.stack([m.bool().sum(1) for m in masks], 1).tolist()  # [B, layers]
-            for i, s in enumerate(stats):
-                s["kv_len"] = kv[i]
-                s["kv_len_padded"] = [int(hf.layer_kv(cache, i)[0].shape[-2]) for i in range(hf.cache_layers(cache))]
+            attention = hf.attention_layers(cfg)
+            self.pruned = PrunedCacheState(cache_ref=weakref.ref(cache), prompt_len=S, layer_masks=masks,
+                                           attention=attention)
+            memory_stats(stats, masks, cache, attention)
         self.stats = stats
         return hf.lm_output(hidden, cache if use_cache else None)
 
@@ -605,10 +646,14 @@ class Runtime:
         rope = self.adapter.rotary(inputs_embeds, pos)
         impl = hf.attn_implementation(lm.config)
         hidden = inputs_embeds
+        attention = set(self.pruned.attention if self.pruned.attention is not None else range(len(lm.layers)))
         with nvtx.range("token_prune.layerwise_decode"):
             for i, layer in enumerate(lm.layers):
-                m2d = self.pruned.layer_mask(i, attention_mask, q, hf.layer_length(cache, i))
-                mask = decode_mask(impl, m2d, q, hidden.dtype)
+                if i in attention:
+                    m2d = self.pruned.layer_mask(i, attention_mask, q, hf.layer_length(cache, i))
+                    mask = decode_mask(impl, m2d, q, hidden.dtype)
+                else:  # a linear-attention layer: only padding among the new tokens matters
+                    mask = hf.recurrent_mask(lm.config, inputs_embeds, attention_mask)
                 hidden = hf.call_layer(layer, hidden, mask=mask, rope=rope, text_pos=text_pos, cache=cache,
                                        use_cache=use_cache, **kwargs)
         return hf.lm_output(lm.norm(hidden), cache)

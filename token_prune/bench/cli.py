@@ -34,7 +34,7 @@ DEFAULTS = dict(
     repeats=5,
     decode_warmup=1,
     decode_repeats=3,
-    settings=["none", "glimpse", "fastv:layer=2", "alvts"],
+    settings=["none", "glimpse", "fastv", "alvts"],  # fastv: K=2, or the next attention layer of a hybrid decoder
     keep_ratios=[0.11, 0.25, 0.5, 1.0],
     sweep=False,
     sweep_batches=[1, 2, 4, 8, 16, 32, 64],
@@ -578,6 +578,7 @@ def _cost_only(o: dict, arch: dict, config, log) -> int:
                 "kept_tokens": est["kept_tokens"],
                 "kv_len": est["kv_len"],
                 "kv_cache_bytes": est["kv_cache_bytes"],
+                "recurrent_state_bytes": est["recurrent_state_bytes"],
                 "memory": {},
                 "cost": est,
             }
@@ -612,7 +613,7 @@ def _cost_only(o: dict, arch: dict, config, log) -> int:
     )
     log(
         f"  {'setting':<28} {'LM GFLOP':>10} {'ratio':>7} {'floor':>7} {'TTFT ratio':>10} {'decode GB':>10} "
-        f"{'KV MiB':>8} "
+        f"{'KV MiB':>8} {'state MiB':>9} "
         f"{'LM ms*':>8} {'dec ms*':>8}"
     )
     for r in rows:
@@ -621,7 +622,8 @@ def _cost_only(o: dict, arch: dict, config, log) -> int:
         log(
             f"  {r['setting']:<28} {c['totals']['lm_prefill_flops'] / 1e9:10.1f} {q['model_lm_prefill_flops']:7.3f} "
             f"{q['floor']:7.3f} {q['model_ttft_flops']:10.3f} {c['totals']['decode_step_bytes'] / 1e9:10.3f} "
-            f"{c['kv_cache_bytes'] / (1 << 20):8.1f} {_fmt(roof.get('lm_prefill'), '8.2f')} "
+            f"{c['kv_cache_bytes'] / (1 << 20):8.1f} {c['recurrent_state_bytes'] / (1 << 20):9.1f} "
+            f"{_fmt(roof.get('lm_prefill'), '8.2f')} "
             f"{_fmt(roof.get('decode_step'), '8.3f')}"
         )
     log("  (* roofline lower bounds)")

@@ -21,8 +21,16 @@ option picks one of two readings:
   projection or MLP for it), but its unchanged hidden state still provides a key and a value,
   so the text and the selected tokens attend to every visual token at every layer. Skipped rows
   cost only their K/V projections (about 1.6% of a token-layer for Qwen2.5-VL-7B with GQA), and
-  every layer's KV cache holds the whole prompt, so decoding is as fast as unpatched.
-* ``"drop"``: the skipped token is invisible at that layer, so that layer's KV cache holds only
+  every layer's KV cache holds the whole prompt, so decoding is as fast as unpatched. At a
+  linear-attention layer (hybrid decoders such as Qwen3.5) the same reading means: every token
+  enters the recurrence (its key and value update the state, so the state summarises the whole
+  prompt), only the selected tokens take the layer's output and MLP.
+
+On a hybrid decoder a linear-attention layer has no softmax attention of its own to score with;
+its tokens are scored with the low-rank q/k of the next attention layer (from the linear layer's
+own input), the closest thing to "the attention this token would receive" the model has.
+* ``"drop"``: the skipped token is invisible at that layer (at a linear-attention layer of a
+  hybrid decoder: it does not enter the recurrence), so that layer's KV cache holds only
   the tokens it processed; decoding keeps exactly that (at layer l a new token attends to the
   text tokens and the visual tokens layer l selected), with one mask per layer (see
   ``handle.stats[i]["kv_len"]``). Smaller caches and faster decoding, but every layer only sees
@@ -187,7 +195,12 @@ class ALVTS(PruningMethod):
             rank = check_int("rank", rank, 1)
         if selector_form is not None:
             check_form(selector_form)
-        layers = list(range(start_layer, n))
+        # A linear-attention layer (hybrid decoders) has no softmax attention to score with: it is
+        # scored with the q/k of the next attention layer, from its own input.
+        attention = hf.attention_layers(adapter.lm_config)
+        self.score_layer = {i: next((j for j in attention if j >= i), attention[-1]) for i in range(start_layer, n)}
+        self.linear = set(range(n)) - set(attention)
+        layers = sorted(set(self.score_layer.values()))
         if selector is None:
             form = selector_form or default_form(adapter)
             self.rank = rank or default_rank(adapter, form)
@@ -245,7 +258,7 @@ class ALVTS(PruningMethod):
                 processed.append(batch.visual.sum(1))
                 continue
             with nvtx.range("alvts.select"):
-                scores = self.selector.scores(adapter, i, hidden, cos, sin,
+                scores = self.selector.scores(adapter, self.score_layer[i], hidden, cos, sin,
                                               None if batch.mask2d is None else full_valid, batch.visual)
                 sel = topk_per_image(scores, batch.visual, sizes, self.keep_ratio)
                 keep = full_valid & (~batch.visual | sel)
@@ -258,7 +271,9 @@ class ALVTS(PruningMethod):
                     mask2d = sub.mask2d if not bool(sub.mask2d.bool().all()) else None
                     mask = causal_mask(lm.config, sub.hidden, mask2d)
             with nvtx.range("alvts.layer"):
-                if context:
+                if context and i in self.linear:
+                    out = adapter.linear_rows_with_context(i, hidden, batch.mask2d, sub.index, sub.hidden, cache=cache)
+                elif context:
                     out = adapter.layer_rows_with_context(i, hidden, cos, sin, full_valid, sub.index, sub.hidden,
                                                           scos, ssin, cache=cache)
                 else:

@@ -238,7 +238,9 @@ class FullWidthSelector(LowRankSelector):
                 key = (rank, proj.weight._version, proj.weight.data_ptr())
                 hit = _SVD_CACHE.get(proj)
                 if hit is None or hit[0] != key:
-                    hit = (key, svd_factors(proj.weight, rank))
+                    # a family whose q_proj also makes an output gate factors only its query rows
+                    weight = adapter.query_projection(attn)[0] if name == "q" else proj.weight
+                    hit = (key, svd_factors(weight, rank))
                     _SVD_CACHE[proj] = hit
                 f[f"{name}_a"], f[f"{name}_b"] = hit[1]
             factors[li] = f
@@ -271,8 +273,9 @@ class FullWidthSelector(LowRankSelector):
         d = adapter.head_dim
         q = (h @ f["q_a"].T.to(dt)) @ f["q_b"].T.to(dt)
         k = (h @ f["k_a"].T.to(dt)) @ f["k_b"].T.to(dt)
-        if attn.q_proj.bias is not None:
-            q = q + attn.q_proj.bias.to(dt)
+        q_bias = adapter.query_projection(attn)[1]
+        if q_bias is not None:
+            q = q + q_bias.to(dt)
         if attn.k_proj.bias is not None:
             k = k + attn.k_proj.bias.to(dt)
         q = head_norm(attn, "q", q.view(B, S, -1, d)).to(dt).transpose(1, 2)

@@ -62,6 +62,22 @@ def check_layer(name: str, value, num_layers: int) -> int:
     return check_int(name, value, 0, num_layers - 1, f" for this {num_layers}-layer model")
 
 
+def check_attention_layer(method: str, layer: int, adapter) -> None:
+    """Refuse a linear-attention layer where a method reads layer ``layer``'s attention (a
+    hybrid decoder such as Qwen3.5's): a ValueError that lists the attention layers."""
+    valid = hf.attention_layers(adapter.lm_config)
+    if layer not in valid:
+        raise ValueError(f"layer={layer} is a linear-attention layer of this hybrid model, and {method} reads the "
+                         f"attention of layer K; choose one of its attention layers {valid}")
+
+
+def attention_layer_at_or_after(adapter, layer: int) -> int:
+    """The first attention layer at or after ``layer`` (else the last attention layer): where a
+    method's default K lands on a hybrid decoder."""
+    valid = hf.attention_layers(adapter.lm_config)
+    return next((i for i in valid if i >= layer), valid[-1])
+
+
 # -- visual tokens -------------------------------------------------------------------------------
 
 def image_sizes(visual: torch.Tensor, known: list[int] | None) -> list[int]:
@@ -154,10 +170,15 @@ class PruneAfterLayer(PruningMethod):
 
     #: whether the caches of layers 0..K are compacted too (else they keep the whole prompt)
     prunes_cache: bool = False
+    #: whether the score reads layer K's attention (q/k), so K must be an attention layer of a
+    #: hybrid decoder (not linear attention)
+    needs_attention_layer: bool = False
 
     def __init__(self, adapter, *, layer: int, keep_ratio: float | None, keep_ratio_required: bool = True):
         super().__init__(adapter)
         self.layer = check_layer("layer", layer, adapter.num_layers)
+        if self.needs_attention_layer:
+            check_attention_layer(self.name, self.layer, adapter)
         self.keep_ratio = check_fraction("keep_ratio", keep_ratio, allow_none=not keep_ratio_required)
         if not self.prunes_cache and self.layer == adapter.num_layers - 1:
             # Nothing runs after the last layer and its cache keeps the whole prompt.
@@ -190,11 +211,16 @@ class PruneAfterLayer(PruningMethod):
         mask = causal_mask(lm.config, seq.hidden, seq.mask2d)
         rope = rt.adapter.rotary(seq.hidden, seq.pos)
         hidden = seq.hidden
+        S = batch.hidden.shape[1]
+        linear = set(range(len(lm.layers))) - set(hf.attention_layers(lm.config))
         with nvtx.range(f"{name}.layers_0_K"):
             for i in range(K + 1):
                 hidden = self.before_layer(i, hidden)
                 if i == K:
                     seq.hidden = hidden
+                if i in linear and hidden.shape[1] > S:
+                    hidden = _linear_layer_without_appended(lm, i, hidden, S, batch.mask2d, cache, use_cache, kwargs)
+                    continue
                 hidden = hf.call_layer(lm.layers[i], hidden, mask=mask, rope=rope, text_pos=seq.text_pos,
                                        cache=cache, use_cache=use_cache, **kwargs)
                 hidden = seq.add_deepstack(i, hidden)
@@ -207,24 +233,50 @@ class PruneAfterLayer(PruningMethod):
 
         seq.hidden = hidden
         with nvtx.range(f"{name}.compact"):
-            cached = []
+            cached, compacted = [], []
             if cache is not None and self.prunes_cache:
-                for i in range(K + 1):
+                compacted = [i for i in range(K + 1) if i not in linear]
+                for i in compacted:
                     cached += list(hf.layer_kv(cache, i))
             short, cached = compact_batch(seq, keep, cached)
-            for i in range(len(cached) // 2):
-                hf.set_layer_kv(cache, i, cached[2 * i], cached[2 * i + 1])
+            for j, i in enumerate(compacted):
+                hf.set_layer_kv(cache, i, cached[2 * j], cached[2 * j + 1])
             if short.mask2d is not None and bool(short.mask2d.bool().all()):
                 short.mask2d = None
         with nvtx.range(f"{name}.layers_K1_L"):
             short.hidden = run_layers(rt, lm, short, range(K + 1, len(lm.layers)), cache, use_cache, kwargs)
         layer_masks = None  # every layer's cache holds `short`
+        L, full, kept = len(lm.layers), batch.valid.long(), short.valid.long()
         if not self.prunes_cache:
-            L, full, kept = len(lm.layers), seq.valid.long(), short.valid.long()
+            full = seq.valid.long()
             layer_masks = [full] * (K + 1) + [kept] * (L - K - 1) if K + 1 < L else [full] * L
+        elif linear:
+            # The attention layers' caches hold `short`; a linear layer <= K scanned the whole prompt
+            # into its state, and a state cannot be compacted.
+            layer_masks = [full if (i in linear and i <= K) else kept for i in range(L)]
         stats = sample_stats(batch, keep_vis, sizes, getattr(rt.ctx, "item_kinds", None))
         return PrefillResult(short.hidden, short, stats, layer_masks)
 
 
-__all__ = ["PruningMethod", "PruneAfterLayer", "LayerKView", "check_fraction", "check_int", "check_layer",
+def _linear_layer_without_appended(lm, i: int, hidden: torch.Tensor, S: int, mask2d, cache, use_cache, kwargs):
+    """Linear-attention layer ``i`` over the prompt (its first ``S`` columns) plus the tokens a
+    method appended after it (the glimpse token): the prompt is scanned into the cached state,
+    the appended tokens continue from that state but leave it as the prompt left it, so the
+    answer never sees them through the recurrence (as the attention layers' compaction removes
+    them from the KV caches). Without a cache (``use_cache=False``) the state lives in a scratch
+    cache, so the prompt is scanned exactly as with one. Returns [B, S_ext, H]."""
+    layer = lm.layers[i]
+    keep = cache is not None
+    cache = cache if keep else hf.new_cache(lm.config)
+    head = hf.call_layer(layer, hidden[:, :S], mask=hf.recurrent_mask(lm.config, hidden[:, :S], mask2d), rope=None,
+                         cache=cache, use_cache=True, **kwargs)
+    if not keep:
+        return torch.cat([head, hf.call_layer(layer, hidden[:, S:], mask=None, rope=None, cache=cache, use_cache=True,
+                                              **kwargs)], 1)
+    with hf.preserved_linear_state(cache, i):
+        tail = hf.call_layer(layer, hidden[:, S:], mask=None, rope=None, cache=cache, use_cache=use_cache, **kwargs)
+    return torch.cat([head, tail], 1)
+
+
+__all__ = ["PruningMethod", "attention_layer_at_or_after", "check_attention_layer", "PruneAfterLayer", "LayerKView", "check_fraction", "check_int", "check_layer",
            "image_sizes", "scatter_visual"]

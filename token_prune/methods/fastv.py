@@ -16,16 +16,27 @@ import math
 import torch
 
 from .. import hf
-from .base import LayerKView, PruneAfterLayer
+from .base import LayerKView, PruneAfterLayer, attention_layer_at_or_after
+
+#: FastV's usual K
+DEFAULT_LAYER = 2
 
 
 class FastV(PruneAfterLayer):
-    """Options: ``layer`` (2), ``keep_ratio`` (0.5)."""
+    """Options: ``layer`` (2; on a hybrid decoder the first attention layer at or after 2),
+    ``keep_ratio`` (0.5). K must be an attention layer: the score is its attention."""
 
     name = "fastv"
+    needs_attention_layer = True
 
-    def __init__(self, adapter, *, layer: int = 2, keep_ratio: float = 0.5):
+    def __init__(self, adapter, *, layer: int | None = None, keep_ratio: float = 0.5):
+        if layer is None:
+            layer = attention_layer_at_or_after(adapter, min(DEFAULT_LAYER, adapter.num_layers - 1))
         super().__init__(adapter, layer=layer, keep_ratio=keep_ratio)
+
+    @classmethod
+    def layer_defaults(cls, family, num_layers):
+        return {"layer": family.fastv_layer_for(num_layers, DEFAULT_LAYER)}
 
     def options(self) -> dict:
         return dict(layer=self.layer, keep_ratio=self.keep_ratio)

@@ -68,6 +68,7 @@ class GlimpsePrune(PruneAfterLayer):
     """
 
     name = "glimpse"
+    needs_attention_layer = True  # the glimpse map is layer K's attention
     prunes_cache = True  # the caches of layers 0..K are compacted too: decoding sees only kept tokens
 
     def __init__(self, adapter, *, threshold=0.5, max_keep_ratio=None, min_keep=1, layer=None, keep_ratio=None,
@@ -187,7 +188,7 @@ class GlimpsePrune(PruneAfterLayer):
         dev = h_in_k.device
         log_softmax = mods.config.glimpse_score == "log_softmax"
         with nvtx.range("glimpse.map"):
-            if _ops.kernels_active(dev, h_in_k):
+            if adapter.standard_qk and _ops.kernels_active(dev, h_in_k):
                 vis_idx = prompt.visual.nonzero()  # [N, 2] (sample, position)
                 attn_map = _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, seq, vis_idx, log_softmax)
             else:

@@ -13,6 +13,7 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
+from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     Qwen2_5_VLAdapter.model_type: Qwen2_5_VLAdapter,
@@ -23,6 +24,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     Qwen2VLAdapter.model_type: Qwen2VLAdapter,
     Qwen3VLAdapter.model_type: Qwen3VLAdapter,
     Qwen3VLMoeAdapter.model_type: Qwen3VLMoeAdapter,
+    Qwen3_5Adapter.model_type: Qwen3_5Adapter,
+    Qwen3_5MoeAdapter.model_type: Qwen3_5MoeAdapter,
 }
 
 #: the family the command line's tiny models and demos use when none is named

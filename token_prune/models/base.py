@@ -45,6 +45,9 @@ class ModelAdapter:
     glimpse_score: str = "logits"
     #: hidden size -> ALVTS selector rank published for that model size
     alvts_ranks: dict[int, int] = {}
+    #: whether each attention layer's queries/keys are plain projections rotated over the whole
+    #: head (what the fused glimpse-map kernel assumes); else :meth:`project_qk` is used
+    standard_qk: bool = True
 
     def __init__(self, model):
         self.model = model
@@ -94,12 +97,28 @@ class ModelAdapter:
         return getattr(self.model.config, "video_token_id", None) if self.supports_video else None
 
     @classmethod
-    def glimpse_layer_for(cls, num_layers: int) -> int:
+    def attention_layers_for(cls, num_layers: int) -> list[int]:
+        """The attention (not linear-attention) layers of the family's ``num_layers``-deep decoder
+        as published; every layer unless the family is hybrid."""
+        return list(range(num_layers))
+
+    @classmethod
+    def glimpse_layer_for(cls, num_layers: int, attention: list[int] | None = None) -> int:
         """GlimpsePrune's default K for a ``num_layers``-deep decoder: the public setting of that
-        model size, else ``glimpse_relative_depth`` of the depth."""
+        model size, else ``glimpse_relative_depth`` of the depth; on a hybrid decoder the nearest
+        attention layer at or before it (``attention``: the layers, default the published ones)."""
         if num_layers in cls.glimpse_layers:
-            return cls.glimpse_layers[num_layers]
-        return min(num_layers - 1, max(0, round(cls.glimpse_relative_depth * num_layers)))
+            k = cls.glimpse_layers[num_layers]
+        else:
+            k = min(num_layers - 1, max(0, round(cls.glimpse_relative_depth * num_layers)))
+        attention = cls.attention_layers_for(num_layers) if attention is None else attention
+        return max((i for i in attention if i <= k), default=attention[0])
+
+    @classmethod
+    def fastv_layer_for(cls, num_layers: int, layer: int) -> int:
+        """FastV's default K: ``layer``, or on a hybrid decoder the first attention layer at or after it."""
+        attention = cls.attention_layers_for(num_layers)
+        return next((i for i in attention if i >= layer), attention[-1])
 
     @classmethod
     def alvts_rank_for(cls, hidden_size: int) -> int:
@@ -133,7 +152,7 @@ class ModelAdapter:
         return None
 
     def default_glimpse_layer(self) -> int:
-        return self.glimpse_layer_for(self.num_layers)
+        return self.glimpse_layer_for(self.num_layers, hf.attention_layers(self.lm_config))
 
     def default_alvts_rank(self) -> int:
         return self.alvts_rank_for(self.hidden_size)
@@ -147,6 +166,11 @@ class ModelAdapter:
         """Normalise the ``position_ids`` the LM received into (pos [P, B, S], text_pos [B, S] or None)."""
         raise NotImplementedError
 
+    def text_positions(self, position_ids, batch: int, seq: int, device) -> torch.Tensor:
+        """[B, S] the unpruned token indices (text positions) of a call's ``position_ids``."""
+        pos, text = self.split_positions(position_ids, batch, seq, device)
+        return pos[0] if text is None else text
+
     def project_qk(self, layer_idx: int, hidden_in: torch.Tensor, cos, sin, want_k: bool = True):
         """Queries [B, heads, T, d] and keys [B, kv_heads, T, d] (rotary applied) that decoder layer
         ``layer_idx`` computes for its input ``hidden_in`` [B, T, H]."""
@@ -159,6 +183,17 @@ class ModelAdapter:
             return q, None
         k = hf.apply_rotary(head_norm(attn, "k", attn.k_proj(h).view(B, T, -1, d)).transpose(1, 2), cos, sin)
         return q, k
+
+    def query_projection(self, attn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [heads*d, H], bias [heads*d] or None): the rows of an attention layer's
+        ``q_proj`` that make its queries (a family whose ``q_proj`` also makes an output gate
+        overrides this)."""
+        return attn.q_proj.weight, attn.q_proj.bias
+
+    def gate_attention_output(self, attn: torch.nn.Module, normed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The attention output [B, T, heads*d] of rows whose normed input is ``normed`` [B, T, H],
+        as it enters ``o_proj`` (unchanged unless the family gates it)."""
+        return out
 
     def layer_rows_with_context(self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                 valid: torch.Tensor, rows: torch.Tensor, rows_hidden: torch.Tensor,
@@ -210,7 +245,34 @@ class ModelAdapter:
             # Flash-attention kernels take no arbitrary mask; SDPA does (and is what HF uses by default).
             mask = allowed[:, None]
         out, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-        x = rows_hidden + attn.o_proj(out.reshape(B, Sq, -1).contiguous())
+        out = self.gate_attention_output(attn, layer.input_layernorm(rows_hidden), out.reshape(B, Sq, -1).contiguous())
+        x = rows_hidden + attn.o_proj(out)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def linear_rows_with_context(self, layer_idx: int, hidden: torch.Tensor, mask2d: torch.Tensor | None,
+                                 rows: torch.Tensor, rows_hidden: torch.Tensor, cache=None) -> torch.Tensor:
+        """Linear-attention decoder layer ``layer_idx`` (hybrid decoders) for a subset of rows,
+        with every token in the recurrence.
+
+        The token mixer runs over all ``S`` tokens (each one's key and value enter the state, which
+        is cached as the layer would cache it); the residual, the post-attention norm and the MLP
+        only for the ``S'`` selected rows: the ALVTS "context" reading at a linear layer.
+
+        Args:
+            hidden: [B, S, H] the layer's input for every token.
+            mask2d: [B, S] padding mask, or None without padding.
+            rows: [B, S'] int64 position in ``hidden`` of each selected row, -1 for padding slots.
+            rows_hidden: [B, S', H] those rows' hidden states.
+            cache: a DynamicCache, or None.
+
+        Returns:
+            [B, S', H] the layer's output for the selected rows (padding slots: unspecified).
+        """
+        layer = self.lm.layers[layer_idx]
+        mixed = hf.call_linear_mixer(layer, layer.input_layernorm(hidden),
+                                     mask=hf.recurrent_mask(self.lm_config, hidden, mask2d), cache=cache)
+        picked = mixed.gather(1, rows.clamp(min=0)[..., None].expand(-1, -1, mixed.shape[-1]))
+        x = rows_hidden + picked
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     # -- vision side ---------------------------------------------------------------------
@@ -406,6 +468,7 @@ def head_norm(attn: torch.nn.Module, which: str, x: torch.Tensor) -> torch.Tenso
     (decoders that normalise queries and keys per head before rotary), or unchanged without one."""
     norm = getattr(attn, f"{which}_norm", None)
     return x if norm is None else norm(x)
+
 
 
 def pil_to_tensor(image) -> torch.Tensor:

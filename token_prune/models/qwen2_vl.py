@@ -81,6 +81,17 @@ class Qwen2VLAdapter(ModelAdapter):
             return position_ids[1:], position_ids[0]
         return position_ids, None
 
+    def text_positions(self, position_ids, batch, seq, device):
+        # Without the text row, generate continuing from a cache passes [1, B, S] M-RoPE positions of
+        # text tokens (Qwen3.5 does): the text position shifted by the cached rope delta.
+        pos, text = self.split_positions(position_ids, batch, seq, device)
+        if text is not None:
+            return text
+        deltas = hf.rope_deltas(self.outer)
+        if deltas is None or position_ids is None or position_ids.ndim != 3:
+            return pos[0]
+        return pos[0] - deltas.to(pos.device)
+
     def vision_width(self):
         return self.model.config.vision_config.embed_dim
 
