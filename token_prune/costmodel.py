@@ -26,7 +26,7 @@ Counting conventions
   the VIP, compaction of the hidden states and of the caches of layers ``0..K``, layers
   ``K+1..L-1`` on ``T + k`` tokens; every layer's cache then holds ``T + k`` tokens.
   ``fastv``: layers ``0..K`` on ``T + N``, the last-token score, layers after K on ``T + k``;
-  caches: ``T + N`` up to K, ``T + k`` after. ``alvts``: every layer from ``start_layer`` on
+  caches: ``T + N`` up to K, ``T + k`` after. ``random``: FastV's shape without the score. ``alvts``: every layer from ``start_layer`` on
   processes ``T + k`` tokens and first runs the low-rank selector on all ``T + N`` (a fused
   attention forward + backward whose value-gradient is the score) plus a gather and a scatter of the hidden
   states. With ``skipped="drop"`` such a layer attends over and caches only the ``T + k``; with
@@ -374,7 +374,7 @@ def lm_prefill_cost(
 
     Args:
         text, visual: tokens per sample; ``kept``: visual tokens kept (default ``ceil(f N)``).
-        method: ``none``, ``glimpse``, ``fastv`` or ``alvts``.
+        method: ``none``, ``glimpse``, ``fastv``, ``random`` or ``alvts``.
         skipped: ALVTS only, ``"context"`` or ``"drop"`` (see :mod:`token_prune.methods.alvts`).
     """
     lm, b = arch.lm, arch.dtype_bytes
@@ -385,7 +385,7 @@ def lm_prefill_cost(
     kvb = lm.kv_bytes_per_token(b)
     if method == "none":
         return {"layers": lm_layer_cost(lm, n, _causal_pairs(n), batch, b).scaled(L)}
-    if method in ("glimpse", "fastv"):
+    if method in ("glimpse", "fastv", "random"):
         if K is None:
             raise ValueError(f"{method}: K is needed")
         g = 1 if method == "glimpse" else 0
@@ -393,12 +393,14 @@ def lm_prefill_cost(
         stages = {"layers_0_K": lm_layer_cost(lm, full, _causal_pairs(full), batch, b).scaled(K + 1)}
         if method == "glimpse":
             stages["vip"] = _vip_cost(arch, visual, K, batch)
-        else:
+        elif method == "fastv":
             stages["score"] = Cost(
                 attn_flops=batch * 2.0 * lm.heads * lm.head_dim * n + 2.0 * batch * lm.hidden * lm.q_width,
                 other_flops=batch * 5.0 * lm.heads * n,
                 bytes=batch * n * kvb / 2,
             )
+        else:  # random: one random number per visual token
+            stages["score"] = Cost(other_flops=batch * visual, bytes=batch * visual * 4)
         # Gather of the hidden states (+ the caches of layers 0..K for glimpse): read all, write kept.
         cache_layers = (K + 1) if method == "glimpse" else 0
         stages["compact"] = Cost(bytes=batch * ((full + m) * lm.hidden * b + cache_layers * (full + m) * kvb))
@@ -524,7 +526,7 @@ def kv_lens(
         return [n] * L
     if method == "glimpse":
         return [m] * L
-    if method == "fastv":
+    if method in ("fastv", "random"):
         return [n] * (K + 1) + [m] * (L - K - 1) if K + 1 < L else [n] * L
     if method == "alvts":
         return [n] * L if skipped == "context" else [n] * start_layer + [m] * (L - start_layer)
@@ -569,12 +571,14 @@ def estimate(
     kept: int | None = None,
     gpu: str | None = None,
     skipped: str = "context",
+    peak: dict | None = None,
 ) -> dict:
     """Every number the benchmark prints for one setting (JSON-ready).
 
     Returns stage costs of the vision tower, the LM prefill and one decode step (taken at the
     middle of a ``decode_tokens`` decode), their totals, the KV cache, the floor, and roofline
-    times when ``gpu`` names a known device.
+    times when ``gpu`` names a known device or ``peak`` gives a machine's ``{"name", "flops",
+    "bandwidth"}`` (e.g. a CPU's, measured by the benchmark).
     """
     T, N = layout["text"], layout["visual"]
     vis = vision_cost(arch, image_hw, batch, tiles=layout.get("tiles"))
@@ -616,7 +620,8 @@ def estimate(
         "weights_bytes": (arch.lm.params() + arch.vision.params()) * arch.dtype_bytes,
         "floor": prefill_floor(arch.lm.layers, K, keep_ratio, method, start_layer),
     }
-    peak = gpu_peak(gpu) if gpu else None
+    if peak is None:
+        peak = gpu_peak(gpu) if gpu else None
     if peak is not None:
         out["roofline_ms"] = {
             "vision": roofline_ms(vis.values(), peak),
