@@ -117,10 +117,15 @@ class StageTimer:
                 own[v["parent"]] -= v["cpu_ms"]
         return own
 
-    def _add(self, name: str, cpu_ns: int, wall_ns: int, parent: str | None) -> None:
+    def _touch(self, name: str, parent: str | None) -> dict:
+        # Created on entry, so ``totals`` lists the ranges in the order they were first entered.
         t = self.totals.get(name)
         if t is None:
             t = self.totals[name] = {"cpu_ms": 0.0, "wall_ms": 0.0, "calls": 0, "parent": parent}
+        return t
+
+    def _add(self, name: str, cpu_ns: int, wall_ns: int, parent: str | None) -> None:
+        t = self._touch(name, parent)
         t["cpu_ms"] += cpu_ns / 1e6
         t["wall_ms"] += wall_ns / 1e6
         t["calls"] += 1
@@ -136,6 +141,7 @@ class _TimedRange:
     def __enter__(self):
         stack = self.timer._stack
         self.parent = stack[-1] if stack else None
+        self.timer._touch(self.name, self.parent)
         stack.append(self.name)
         if self.nvtx:
             torch.cuda.nvtx.range_push(self.name)

@@ -102,7 +102,7 @@ def _paired(xs, base) -> dict | None:
 
 def _stage_summary(runs: list[dict]) -> dict:
     """Per stage: inclusive and exclusive CPU ms (summaries over repeats), calls, parent."""
-    names = sorted({k for r in runs for k in r["stages"]})
+    names = list(dict.fromkeys(k for r in runs for k in r["stages"]))  # first-entry order
     out = {}
     for name in names:
         have = [r["stages"][name] for r in runs if name in r["stages"]]
