@@ -68,7 +68,7 @@ def run_once(bench, setting: Setting, inputs: dict, decode_steps: int, rss: RSSP
         clock.sync()
         peak = rss.peak()
         stats = copy.deepcopy(handle.stats) if handle is not None else None
-        kv_end = cache_bytes(getattr(out, "past_key_values", None))
+        kv_end = cache_bytes(hf.output_cache(out))
         tokens = out.sequences[:, P:].tolist()
         del out
     marks = marker.marks
