@@ -452,7 +452,11 @@ def run(args) -> int:
             if o["interleave"]:
                 from .paired import measure_interleaved
 
-                results["latency"] = measure_interleaved(bench, settings, log)
+                def partial(rows):
+                    results["latency"] = rows
+                    save()
+
+                results["latency"] = measure_interleaved(bench, settings, log, on_round=partial)
                 with_ratios(results)
             for s in settings:
                 if o["interleave"]:

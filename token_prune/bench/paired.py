@@ -117,9 +117,10 @@ def _stage_summary(runs: list[dict]) -> dict:
     return out
 
 
-def measure_interleaved(bench, settings: list[Setting], log=print) -> list[dict]:
+def measure_interleaved(bench, settings: list[Setting], log=print, on_round=None) -> list[dict]:
     """Warm-up rounds, then ``repeats`` rounds of every setting in order, paired to the unpatched
-    setting (which must be among ``settings``). Returns one latency row per setting."""
+    setting (which must be among ``settings``). Returns one latency row per setting; ``on_round``
+    gets the rows so far after every round (so a run cut short still leaves its results)."""
     o = bench.o
     base_i = next((i for i, s in enumerate(settings) if s.method == "none"), None)
     if base_i is None:
@@ -144,6 +145,8 @@ def measure_interleaved(bench, settings: list[Setting], log=print) -> list[dict]
         log(f"  round {r + 1}/{o['repeats']}: unpatched LM {b['lm_prefill_ms']:.0f} ms, "
             + ", ".join(f"{s.label} x{x[-1]['lm_prefill_ms'] / b['lm_prefill_ms']:.3f}"
                         for s, x in zip(settings, runs, strict=True) if s.method != "none"))
+        if on_round is not None and r + 1 < o["repeats"]:
+            on_round([_row(bench, s, runs[i], runs[base_i]) for i, s in enumerate(settings)])
     return [_row(bench, s, runs[i], runs[base_i]) for i, s in enumerate(settings)]
 
 
