@@ -76,6 +76,30 @@ class masked_layers:
         return False
 
 
+class deepstack_rows:
+    """Context manager: the unpatched ``model``'s deepstack inputs replaced by ``edit(layer,
+    rows [N, H], visual [B, S]) -> rows`` at every prefill (the rows the model adds to its N visual
+    tokens after decoder layer ``layer``). Tests use it to build the oracles a wrong deepstack
+    handling would match (features dropped after pruning, or withheld from skipped tokens)."""
+
+    def __init__(self, model, edit):
+        self.model, self.edit, self.hook = model, edit, None
+
+    def __enter__(self):
+        def pre(module, args, kwargs):
+            rows, visual = kwargs.get(hf.DEEPSTACK_ARGS[1]), kwargs.get(hf.DEEPSTACK_ARGS[0])
+            if rows is not None:
+                kwargs[hf.DEEPSTACK_ARGS[1]] = [self.edit(li, r.clone(), visual) for li, r in enumerate(rows)]
+            return args, kwargs
+
+        self.hook = self.model.model.language_model.register_forward_pre_hook(pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        return False
+
+
 def masked_generate(model, inputs, steps, prefill_keys, decode_keys, skip_rows=None, decode_position=None,
                     prefill_position=None, forced=None):
     """Greedy decode of the unpatched ``model`` with layer-wise visibility rules.

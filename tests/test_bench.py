@@ -298,9 +298,21 @@ def test_cost_only_qwen2_5_vl_7b_4k(tmp_path):
 
 FACTS = {
     "qwen2_5_vl_7b": dict(layers=28, hidden=3584, heads=28, kv=4, inter=18944, vocab=152064),
+    "qwen2_vl_7b": dict(layers=28, hidden=3584, heads=28, kv=4, inter=18944, vocab=152064),
+    "qwen3_vl_8b": dict(layers=36, hidden=4096, heads=32, kv=8, inter=12288, vocab=151936),
+    "qwen3_vl_30b_a3b": dict(layers=48, hidden=2048, heads=32, kv=4, inter=6144, vocab=151936),
     "llava_1_5_7b": dict(layers=32, hidden=4096, heads=32, kv=32, inter=11008, vocab=32064),
     "llava_next_7b": dict(layers=32, hidden=4096, heads=32, kv=32, inter=11008, vocab=32064),
+    "internvl3_8b": dict(layers=28, hidden=3584, heads=28, kv=4, inter=18944, vocab=151674),
+    "llava_onevision_7b": dict(layers=28, hidden=3584, heads=28, kv=4, inter=18944, vocab=152128),
 }
+#: (layers, width, input size, patch) of the CLIP-style towers
+TOWERS = {"llava_1_5_7b": (24, 1024, 336, 14), "llava_next_7b": (24, 1024, 336, 14),
+          "internvl3_8b": (24, 1024, [448, 448], [14, 14]), "llava_onevision_7b": (26, 1152, 384, 14)}
+
+
+def list_or(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 @pytest.mark.parametrize("name", sorted(FACTS))
@@ -317,7 +329,7 @@ def test_shipped_configs(name):
         tc.intermediate_size,
         tc.vocab_size,
     ) == (f["layers"], f["hidden"], f["heads"], f["kv"], f["inter"], f["vocab"])
-    if name.startswith("qwen"):
+    if name.startswith("qwen2_5"):
         assert (
             vc.depth,
             vc.hidden_size,
@@ -329,9 +341,10 @@ def test_shipped_configs(name):
             vc.out_hidden_size,
         ) == (32, 1280, 16, 3420, 14, 112, [7, 15, 23, 31], 3584)
         assert tc.rope_parameters["mrope_section"] == [16, 24, 24] and tc.rope_parameters["rope_theta"] == 1e6
-    else:
-        assert (vc.num_hidden_layers, vc.hidden_size, vc.image_size, vc.patch_size) == (24, 1024, 336, 14)
-        assert cfg.image_token_id == 32000 and cfg.projector_hidden_act == "gelu"
+    elif not name.startswith("qwen"):  # (the other Qwen towers: tests/test_bench_qwen_video.py)
+        assert (vc.num_hidden_layers, vc.hidden_size, list_or(vc.image_size), list_or(vc.patch_size)) == TOWERS[name]
+        assert cfg.projector_hidden_act == "gelu"
+        assert cfg.image_token_id == {"internvl3_8b": 151667, "llava_onevision_7b": 151646}.get(name, 32000)
         if name == "llava_next_7b":
             assert cfg.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     # The architecture builds without memory, with the published parameter count, which the cost

@@ -21,7 +21,7 @@ from reference_model import masked_generate
 from token_prune import hf
 from token_prune.methods import METHODS as REGISTERED
 from token_prune.methods.base import PruneAfterLayer
-from token_prune.models import supported_models
+from token_prune.models import adapter_for, supported_models
 from token_prune.tiny import SampleSpec, make_inputs, select_sample
 
 pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")
@@ -51,12 +51,17 @@ def test_every_supported_family_has_a_row():
     assert sorted(FAMILIES) == supported_models()
 
 
-@pytest.fixture(scope="module", params=[(f, d) for f in sorted(FAMILIES) for d in DEVICES],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+#: (family, prompts, device): every family on its image prompts, and the families that take
+#: videos once more on prompts with videos (mixed with images)
+ROWS = [(f, m, d) for f in sorted(FAMILIES) for m in ("image", "video")
+        if m == "image" or FAMILIES[f].video_samples is not None for d in DEVICES]
+
+
+@pytest.fixture(scope="module", params=ROWS, ids=lambda p: f"{p[0]}-{p[1]}-{p[2]}")
 def fam(request):
     """(family row, float64 model): on a GPU the methods run their CUDA kernels, same oracle."""
-    name, device = request.param
-    row = FAMILIES[name]
+    name, mode, device = request.param
+    row = FAMILIES[name] if mode == "image" else FAMILIES[name].with_videos()
     return row, row.build(torch.float64, seed=11).to(device)
 
 
@@ -211,7 +216,8 @@ def test_kept_counts_and_cache_contents(fam, mid):
     method, opts = _method(mid)
     inputs = row.inputs(model, seed=6)
     valid = inputs["attention_mask"].bool()
-    visual = inputs["input_ids"] == model.config.image_token_id
+    kinds = adapter_for(model).visual_kinds(input_ids=inputs["input_ids"])
+    visual = kinds > 0
     L = model.config.text_config.num_hidden_layers
     with torch.no_grad(), tp.patch(model, method=method, **opts) as handle:
         out = model(**inputs)
@@ -220,10 +226,14 @@ def test_kept_counts_and_cache_contents(fam, mid):
         keep = handle.keep_mask
     cache = hf.output_cache(out)
     for b, s in enumerate(stats):
-        want = sum(math.ceil(0.25 * img["tokens"]) for img in s["images"]) if "images" in s else None
+        # Each image and each video (over all its frames) keeps its own quarter.
+        items = s["images"] + s["videos"]
+        assert [i["tokens"] for i in s["images"]] == _run_lengths(kinds[b], 1)
+        assert sum(i["tokens"] for i in s["videos"]) == int((kinds[b] == 2).sum())
+        want = sum(math.ceil(0.25 * item["tokens"]) for item in items)
         assert s["visual_tokens"] == int(visual[b].sum())
         if "visual_processed" in s:  # ALVTS: per layer, from start_layer on
-            assert all(p == want or want is None for p in s["visual_processed"][opts["start_layer"]:])
+            assert all(p == want for p in s["visual_processed"][opts["start_layer"]:])
         else:
             assert s["kept_tokens"] == want
             assert int((keep[b] & visual[b]).sum()) == want
@@ -232,6 +242,18 @@ def test_kept_counts_and_cache_contents(fam, mid):
     for li in range(L):
         assert hf.layer_length(cache, li) == int(decode[li].sum(1).max()), li
         assert [s["kv_len"][li] for s in stats] == decode[li].sum(1).tolist()
+
+
+def _run_lengths(kinds_row: torch.Tensor, kind: int) -> list[int]:
+    """Lengths of the runs of ``kind`` in one row (each image is one run)."""
+    out, run = [], 0
+    for k in kinds_row.tolist() + [0]:
+        if k == kind:
+            run += 1
+        elif run:
+            out.append(run)
+            run = 0
+    return out
 
 
 @pytest.mark.parametrize("mid", sorted(METHODS))

@@ -149,7 +149,7 @@ def test_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(run, mod
 # -- the soft-pruned student ------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, layer", [("qwen2_5_vl", 0), ("qwen2_5_vl", K), ("qwen2_5_vl", 5), ("llava", K),
-                                         ("llava_next", K)])
+                                         ("llava_next", K), ("qwen3_vl", 1), ("qwen3_vl", K)])
 def test_student_with_binary_keep_is_the_hard_pruned_model(kind, layer, data):
     """With keep probabilities in {0, 1} the student's teacher-forced answer distribution equals
     what the real pruned inference path (patch -> prefill -> decode on the pruned cache) gives."""

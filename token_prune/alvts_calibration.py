@@ -20,6 +20,7 @@ from .api import get_handle
 from .methods.alvts import LowRankSelector, selection_scores, topk_per_image
 from .methods.base import image_sizes
 from .models import DEFAULT_MODEL, adapter_for, supported_models
+from .models.base import head_norm
 
 
 class _Stop(Exception):
@@ -51,7 +52,7 @@ def _masks(model, inputs):
     ids = inputs["input_ids"]
     valid = inputs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
-    visual = ids == model.config.image_token_id
+    visual = adapter_for(model).visual_mask(input_ids=ids)
     return valid, visual
 
 
@@ -211,8 +212,8 @@ def _lowrank_qk(adapter, layer, x, cos, sin, params):
         q = q + attn.q_proj.bias.float()
     if attn.k_proj.bias is not None:
         k = k + attn.k_proj.bias.float()
-    q = q.view(B, S, -1, d).transpose(1, 2)
-    k = k.view(B, S, -1, d).transpose(1, 2)
+    q = head_norm(attn, "q", q.view(B, S, -1, d)).float().transpose(1, 2)
+    k = head_norm(attn, "k", k.view(B, S, -1, d)).float().transpose(1, 2)
     return hf.apply_rotary(q, cos.float(), sin.float()), hf.apply_rotary(k, cos.float(), sin.float())
 
 

@@ -109,7 +109,15 @@ def total(costs: dict[str, Cost]) -> Cost:
 
 @dataclass(frozen=True)
 class LMSpec:
-    """Decoder sizes. ``qkv_bias``: q/k/v projections have biases (Qwen2)."""
+    """Decoder sizes. ``qkv_bias``: q/k/v projections have biases (Qwen2); ``head_norms``: per-head
+    q/k RMSNorms (Qwen3).
+
+    Sparse-MoE decoders (Qwen3-VL-30B-A3B): ``sparse_layers`` of the layers have ``experts``
+    SwiGLU experts of width ``expert_intermediate`` and a router, of which ``experts_per_token``
+    run for each token; the others have the dense ``intermediate`` MLP. FLOPs count the active
+    experts only; parameters count all of them; weight bytes read count the experts a step's
+    tokens reach (expected number under uniform routing).
+    """
 
     layers: int
     hidden: int
@@ -120,6 +128,35 @@ class LMSpec:
     vocab: int
     qkv_bias: bool = False
     tied_embeddings: bool = False
+    head_norms: bool = False
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    sparse_layers: int = 0
+
+    def _mlp_mean(self, dense: float, sparse: float) -> float:
+        s = self.sparse_layers if self.experts else 0
+        return ((self.layers - s) * dense + s * sparse) / self.layers
+
+    @property
+    def active_intermediate(self) -> float:
+        """MLP width one token runs through, averaged over the layers."""
+        return self._mlp_mean(self.intermediate, self.experts_per_token * self.expert_intermediate)
+
+    def experts_reached(self, tokens: float) -> float:
+        """Expected distinct experts of a sparse layer that ``tokens`` tokens route to."""
+        if not self.experts:
+            return 0.0
+        return self.experts * (1.0 - (1.0 - self.experts_per_token / self.experts) ** max(tokens, 0.0))
+
+    def read_layer_params(self, tokens: float) -> float:
+        """Weights of one layer (mean over layers) read when ``tokens`` tokens go through it."""
+        H = self.hidden
+        if not self.experts:
+            return self.layer_params()
+        expert = 3 * H * self.expert_intermediate
+        mlp = self._mlp_mean(3 * H * self.intermediate, self.experts_reached(tokens) * expert + H * self.experts)
+        return self._attn_params() + mlp + 2 * H
 
     @property
     def q_width(self) -> int:
@@ -129,20 +166,29 @@ class LMSpec:
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
 
-    def layer_params(self) -> int:
+    def _attn_params(self) -> int:
         H, q, kv = self.hidden, self.q_width, self.kv_width
-        attn = H * q + 2 * H * kv + q * H + ((q + 2 * kv) if self.qkv_bias else 0)
-        return attn + 3 * H * self.intermediate + 2 * H  # + two RMSNorm weights
+        norms = 2 * self.head_dim if self.head_norms else 0  # per-head q/k RMSNorm weights
+        return H * q + 2 * H * kv + q * H + ((q + 2 * kv) if self.qkv_bias else 0) + norms
+
+    def layer_params(self) -> float:
+        """Parameters of one layer (mean over the layers; every expert counted)."""
+        H = self.hidden
+        mlp = self._mlp_mean(3 * H * self.intermediate, self.experts * (3 * H * self.expert_intermediate + H))
+        return self._attn_params() + mlp + 2 * H  # + two RMSNorm weights
 
     def params(self) -> int:
         """Decoder layers, final norm, embedding and LM head."""
         emb = self.vocab * self.hidden
-        return self.layers * self.layer_params() + self.hidden + emb + (0 if self.tied_embeddings else emb)
+        return round(self.layers * self.layer_params()) + self.hidden + emb + (0 if self.tied_embeddings else emb)
 
     def linear_flops_per_token(self) -> tuple[float, float]:
-        """(projection, MLP) FLOPs of one token through one layer."""
+        """(projection, MLP) FLOPs of one token through one layer (MLP: the active experts and the
+        router of a sparse layer; mean over the layers)."""
         H, q, kv = self.hidden, self.q_width, self.kv_width
-        return 2.0 * (H * q + 2 * H * kv + q * H), 2.0 * 3 * H * self.intermediate
+        mlp = self._mlp_mean(3 * H * self.intermediate,
+                             self.experts_per_token * 3 * H * self.expert_intermediate + H * self.experts)
+        return 2.0 * (H * q + 2 * H * kv + q * H), 2.0 * mlp
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V of one token in one layer."""
@@ -151,7 +197,10 @@ class LMSpec:
 
 @dataclass(frozen=True)
 class VisionSpec:
-    """Vision tower sizes. ``kind``: ``qwen_vit`` (windowed ViT + 2x2 merger) or ``clip``."""
+    """Vision tower sizes. ``kind``: ``qwen_vit`` (windowed ViT + 2x2 merger), ``clip`` (CLS token,
+    projector ``w -> H -> H``), ``siglip`` (no CLS; an attention-pooling head when ``head``) or
+    ``internvit`` (CLS, layer-scale vectors, pixel shuffle of ``merge x merge`` patches into one
+    token, projector ``LayerNorm, merge^2 w -> H -> H``)."""
 
     kind: str
     depth: int
@@ -166,27 +215,59 @@ class VisionSpec:
     merge: int = 2
     window: int = 112  # pixels
     fullatt: tuple[int, ...] = ()
-    # clip
+    #: block MLP: ``swiglu`` (gate, up, down) or ``gelu`` (fc1, fc2); norms ``rms`` or ``layer``
+    mlp: str = "swiglu"
+    norm: str = "rms"
+    #: the patch embedding has a bias; learned position embeddings (rows); extra 2x2 mergers
+    #: whose outputs feed the decoder's deepstack (Qwen3-VL, normalised after the merge)
+    patch_bias: bool = False
+    pos_embed: int = 0
+    deepstack_mergers: int = 0
+    # clip, siglip, internvit
     image_size: int = 336
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    qkv_bias: bool = True
+    head: bool = False
+
+    @property
+    def cls_token(self) -> bool:
+        return self.kind in ("clip", "internvit")
+
+    @property
+    def shuffle(self) -> int:
+        """Patches per token side after the tower (InternViT's pixel shuffle; 1 otherwise)."""
+        return self.merge if self.kind == "internvit" else 1
 
     def block_params(self) -> int:
         w, I = self.width, self.intermediate
-        if self.kind == "qwen_vit":  # qkv + proj with biases, SwiGLU with biases, two RMSNorms
-            return (3 * w * w + 3 * w) + (w * w + w) + 3 * w * I + 2 * I + w + 2 * w
-        return (4 * w * w + 4 * w) + (2 * w * I + I + w) + 4 * w  # CLIP: q,k,v,o; fc1, fc2; two LayerNorms
+        if self.kind == "qwen_vit":  # qkv + proj with biases, the MLP with biases, two norms
+            mlp = 3 * w * I + 2 * I + w if self.mlp == "swiglu" else 2 * w * I + I + w
+            return (3 * w * w + 3 * w) + (w * w + w) + mlp + (2 if self.norm == "rms" else 4) * w
+        # q,k,v,o; fc1, fc2; two LayerNorms (InternViT: two layer-scale vectors too)
+        attn = 4 * w * w + (3 * w if self.qkv_bias else 0) + w
+        return attn + (2 * w * I + I + w) + 4 * w + (2 * w if self.kind == "internvit" else 0)
 
     def params(self) -> int:
         w = self.width
         if self.kind == "qwen_vit":
-            patch = self.in_channels * self.temporal_patch * self.patch**2 * w
+            patch = self.in_channels * self.temporal_patch * self.patch**2 * w + (w if self.patch_bias else 0)
             m = w * self.merge**2
-            merger = w + m * m + m + m * self.out + self.out
-            return patch + self.depth * self.block_params() + merger
+            norm = 1 if self.norm == "rms" else 2  # LayerNorm: weight and bias
+            mlp = m * m + m + m * self.out + self.out
+            merger = norm * w + mlp + self.deepstack_mergers * (norm * m + mlp)
+            return patch + self.pos_embed * w + self.depth * self.block_params() + merger
         side = self.image_size // self.patch
-        emb = self.in_channels * self.patch**2 * w + w + (side * side + 1) * w
-        projector = w * self.out + self.out + self.out * self.out + self.out
-        return emb + 2 * w + self.depth * self.block_params() + 2 * w + projector  # pre/post LayerNorms
+        cls = 1 if self.cls_token else 0
+        conv = self.in_channels * self.patch**2 * w + (0 if self.kind == "clip" else w)  # CLIP's has no bias
+        emb = conv + (side * side + cls) * w + cls * w  # position embeddings, CLS embedding
+        m = w * self.shuffle**2
+        projector = m * self.out + self.out + self.out * self.out + self.out
+        if self.kind == "clip":  # pre- and post-LayerNorm
+            return emb + 2 * w + self.depth * self.block_params() + 2 * w + projector
+        if self.kind == "siglip":  # post-LayerNorm, attention-pooling head
+            head = (w + 4 * w * w + 4 * w + 2 * w + 2 * w * self.intermediate + self.intermediate + w) if self.head else 0
+            return emb + self.depth * self.block_params() + 2 * w + head + projector
+        return emb + self.depth * self.block_params() + 2 * m + projector  # internvit: projector LayerNorm
 
 
 @dataclass(frozen=True)
@@ -224,6 +305,18 @@ class Arch:
         }
 
 
+def _moe_sizes(tc) -> dict:
+    """The sparse-MoE fields of :class:`LMSpec` from a decoder config (none for a dense one)."""
+    experts = getattr(tc, "num_experts", None) or 0
+    if not experts:
+        return {}
+    step = getattr(tc, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(tc, "mlp_only_layers", None) or [])
+    sparse = sum(1 for i in range(tc.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+    return dict(experts=experts, experts_per_token=tc.num_experts_per_tok,
+                expert_intermediate=tc.moe_intermediate_size, sparse_layers=sparse)
+
+
 def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None) -> Arch:
     """An :class:`Arch` from the Hugging Face config of any supported family (its adapter
     describes the vision tower and the decoder's biases)."""
@@ -245,6 +338,8 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
         tied_embeddings=bool(
             getattr(tc, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
         ),
+        head_norms=family.head_norms(config),
+        **_moe_sizes(tc),
     )
     vision = family.cost_vision_spec(config)
     vip = VIPSpec(llm_heads=heads, vision_width=vision.width)
@@ -257,14 +352,17 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
 # -- prompt layout -----------------------------------------------------------------------
 
 
-def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_after: int) -> dict:
-    """Tokens of one synthetic prompt (one image) as :mod:`token_prune.bench` builds it.
+def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_after: int,
+                  video_frames: int | None = None) -> dict:
+    """Tokens of one synthetic prompt (one image, or one video of ``video_frames`` frames of
+    ``image_hw``) as :mod:`token_prune.bench` builds it.
 
-    Returns ``{"text": T, "visual": N, "prompt": T + N, "vision_patches" | "tiles": ...}``.
+    Returns ``{"text": T, "visual": N, "prompt": T + N, "vision_patches" | "tiles": ...}``, and
+    ``"frame_groups"`` for a video.
     """
     from .tiny import prompt_layout as layout
 
-    return layout(config, image_hw, text_before, text_after)
+    return layout(config, image_hw, text_before, text_after, video_frames=video_frames)
 
 
 def kept_count(n: int, keep_ratio: float) -> int:
@@ -295,10 +393,10 @@ def lm_layer_cost(lm: LMSpec, n: int, pairs: float, batch: int = 1, dtype_bytes:
     """One decoder layer on ``n`` tokens per sample with ``pairs`` (query, key) pairs per sample."""
     proj, mlp = lm.linear_flops_per_token()
     attn = 4.0 * lm.heads * lm.head_dim * pairs
-    H, I = lm.hidden, lm.intermediate
+    H, I = lm.hidden, lm.active_intermediate
     act = 2.0 * n * dtype_bytes * (4 * H + 2 * lm.kv_width + 3 * I)
     kv = n * lm.kv_bytes_per_token(dtype_bytes)
-    w = lm.layer_params() * dtype_bytes if weights else 0
+    w = lm.read_layer_params(batch * n) * dtype_bytes if weights else 0
     return Cost(
         proj_flops=batch * n * proj, attn_flops=batch * attn, mlp_flops=batch * n * mlp, bytes=w + batch * (act + kv)
     )
@@ -449,8 +547,12 @@ def _window_sizes(gh: int, gw: int, win: int) -> list[int]:
     return sizes
 
 
-def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: int | None = None) -> dict[str, Cost]:
-    """Vision tower (+ merger / projector) for ``batch`` images of ``image_hw`` pixels."""
+def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: int | None = None,
+                frame_groups: int = 1) -> dict[str, Cost]:
+    """Vision tower (+ merger / projector) for ``batch`` images of ``image_hw`` pixels, or for
+    ``batch`` videos of ``frame_groups`` temporal groups of that size (the Qwen ViTs attend within
+    each group, so a video costs its groups' images)."""
+    batch = batch * frame_groups
     v, b = arch.vision, arch.dtype_bytes
     w, I = v.width, v.intermediate
     if v.kind == "qwen_vit":
@@ -464,8 +566,9 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
         window_pairs = sum((s * mg * mg) ** 2 for s in _window_sizes(gh // mg, gw // mg, win))
         full_blocks = sum(1 for i in v.fullatt if 0 <= i < v.depth)
         proj = 2.0 * P * 4 * w * w
-        mlp = 2.0 * P * 3 * w * I
-        act = 2.0 * P * b * (6 * w + 3 * I)
+        mats = 3 if v.mlp == "swiglu" else 2
+        mlp = 2.0 * P * mats * w * I
+        act = 2.0 * P * b * (6 * w + mats * I)
         blocks = Cost(
             proj_flops=v.depth * proj,
             mlp_flops=v.depth * mlp,
@@ -474,16 +577,18 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
         )
         m = w * mg * mg
         Pm = P // (mg * mg)
+        n_merge = 1 + v.deepstack_mergers
         merger = Cost(
-            mlp_flops=2.0 * Pm * (m * m + m * v.out), bytes=(m * m + m * v.out) * b + 2.0 * Pm * (2 * m + v.out) * b
+            mlp_flops=n_merge * 2.0 * Pm * (m * m + m * v.out),
+            bytes=n_merge * ((m * m + m * v.out) * b + 2.0 * Pm * (2 * m + v.out) * b),
         )
         stages = {"embed": embed, "blocks": blocks, "merger": merger}
     else:
         side = v.image_size // v.patch
-        T = side * side + 1
+        T = side * side + (1 if v.cls_token else 0)
         t = tiles or 1
         embed = Cost(
-            proj_flops=2.0 * t * (T - 1) * v.in_channels * v.patch**2 * w, bytes=v.in_channels * v.patch**2 * w * b
+            proj_flops=2.0 * t * side * side * v.in_channels * v.patch**2 * w, bytes=v.in_channels * v.patch**2 * w * b
         )
         act = 2.0 * T * b * (6 * w + 2 * I)
         blocks = Cost(
@@ -492,9 +597,10 @@ def vision_cost(arch: Arch, image_hw: tuple[int, int], batch: int = 1, tiles: in
             attn_flops=v.depth * t * 4.0 * w * T * T,
             bytes=v.depth * (v.block_params() * b + t * act),
         )
-        H = v.out
+        H, m = v.out, w * v.shuffle**2
+        n = side * side // v.shuffle**2  # tokens the projector maps
         projector = Cost(
-            mlp_flops=t * 2.0 * (T - 1) * (w * H + H * H), bytes=(w * H + H * H) * b + t * (T - 1) * (w + 2 * H) * b
+            mlp_flops=t * 2.0 * n * (m * H + H * H), bytes=(m * H + H * H) * b + t * n * (m + 2 * H) * b
         )
         stages = {"embed": embed, "blocks": blocks, "projector": projector}
     # Weights are read once for the batch; everything else scales with it.
@@ -546,7 +652,7 @@ def decode_step_cost(arch: Arch, kv: list[int], batch: int = 1, generated: int =
     layers = Cost(
         proj_flops=batch * lm.layers * proj + 2.0 * batch * lm.hidden * lm.vocab,
         mlp_flops=batch * lm.layers * mlp,
-        bytes=(lm.layers * lm.layer_params() + lm.hidden + lm.hidden * lm.vocab) * b,
+        bytes=(lm.layers * lm.read_layer_params(batch) + lm.hidden + lm.hidden * lm.vocab) * b,
     )
     cache = Cost(
         attn_flops=4.0 * lm.heads * lm.head_dim * batch * (ctx + lm.layers), bytes=batch * (ctx * kvb + lm.layers * kvb)
@@ -581,7 +687,7 @@ def estimate(
     "bandwidth"}`` (e.g. a CPU's, measured by the benchmark).
     """
     T, N = layout["text"], layout["visual"]
-    vis = vision_cost(arch, image_hw, batch, tiles=layout.get("tiles"))
+    vis = vision_cost(arch, image_hw, batch, tiles=layout.get("tiles"), frame_groups=layout.get("frame_groups", 1))
     pre = lm_prefill_cost(
         arch, T, N, method, keep_ratio=keep_ratio, K=K, start_layer=start_layer, batch=batch, kept=kept,
         skipped=skipped,

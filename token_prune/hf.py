@@ -28,7 +28,13 @@ of :data:`SUPPORTED`; 5.18 to 5.23 behave as 5.17 in every point below):
 * **Rotary.** ``language_model.rotary_emb(hidden, position_ids)`` returning ``(cos, sin)``
   ``[B, S, head_dim]`` (position ids ``[3, B, S]`` for M-RoPE, ``[B, S]`` for 1D), and the
   ``rotate_half`` convention (halves, not interleaved pairs).
-* **Model construction.** ``PreTrainedModel._from_config(config, attn_implementation=, dtype=)``.
+* **Model construction.** ``PreTrainedModel._from_config(config, attn_implementation=, dtype=,
+  experts_implementation=)``.
+* **Deepstack.** Qwen3-VL's language model takes ``visual_pos_masks`` ([B, S] bool) and
+  ``deepstack_visual_embeds`` (one [N_visual, H] tensor per early decoder layer, rows in
+  row-major order of the mask) as forward arguments and, after decoder layer i for i below
+  their count, adds row j to the hidden state of the j-th visual position
+  (``_deepstack_process``); :func:`pop_deepstack` takes them off a call.
 * **Helpers.** ``image_processing_utils.select_best_resolution`` (LLaVA-NeXT tiling) and the
   multimodal model's cached ``rope_deltas`` (Qwen M-RoPE decode positions).
 
@@ -147,6 +153,30 @@ def get_cache(kwargs: dict):
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
+
+
+# -- deepstack ---------------------------------------------------------------------------------
+
+#: the language model's forward arguments carrying deepstack inputs: (visual mask, per-layer rows)
+DEEPSTACK_ARGS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+def pop_deepstack(kwargs: dict) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+    """Remove and return a language-model call's deepstack inputs: (visual mask [B, S] bool,
+    per early decoder layer [N_visual, H] rows), or (None, None) when the call has none."""
+    mask, embeds = (kwargs.pop(name, None) for name in DEEPSTACK_ARGS)
+    if embeds is None or len(embeds) == 0:
+        return None, None
+    return mask, list(embeds)
+
+
+def add_deepstack(hidden: torch.Tensor, visual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """What a deepstack language model does after an early decoder layer: ``hidden`` [B, S, H]
+    plus ``rows`` [N, H] at the ``N`` positions ``visual`` [B, S] marks (row-major), as a new
+    tensor (the sum in the model's dtype, like HF's)."""
+    out = hidden.clone()
+    out[visual] = hidden[visual] + rows.to(hidden.device, hidden.dtype)
+    return out
 
 
 # -- decoder layers --------------------------------------------------------------------------
@@ -289,11 +319,16 @@ def output_cache(output):
     return output.get(_output_cache_field(type(output)))
 
 
-def model_from_config(cls, config, *, attn_implementation: str = "sdpa", dtype=None):
+def model_from_config(cls, config, *, attn_implementation: str = "sdpa", dtype=None,
+                      experts_implementation: str | None = None):
     """A random-weight model of class ``cls`` built from ``config`` (no download), with the given
-    attention implementation and parameter dtype. Builds on the current default device."""
+    attention implementation and parameter dtype (and, for MoE decoders, experts implementation:
+    ``"eager"`` loops over the experts in any dtype, the grouped kernels take no float64). Builds
+    on the current default device."""
     set_attn_implementation(config, attn_implementation)
     kwargs = dict(attn_implementation=attn_implementation)
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
     if dtype is not None:
         kwargs["dtype"] = dtype
     return cls._from_config(config, **kwargs)
@@ -314,9 +349,9 @@ def rope_deltas(multimodal_model) -> torch.Tensor | None:
 
 
 __all__ = [
-    "SUPPORTED", "CACHE_NAMES", "apply_rotary", "attention_function", "attn_implementation", "cache_arg",
+    "SUPPORTED", "CACHE_NAMES", "DEEPSTACK_ARGS", "add_deepstack", "apply_rotary", "attention_function", "attn_implementation", "cache_arg",
     "cache_kwargs", "cache_layers", "cache_update", "call_layer", "causal_mask", "get_cache", "in_supported_range",
-    "is_dynamic_cache", "layer_kv", "layer_length", "lm_output", "model_from_config", "new_cache", "output_cache", "pop_cache",
+    "is_dynamic_cache", "layer_kv", "layer_length", "lm_output", "model_from_config", "new_cache", "output_cache", "pop_cache", "pop_deepstack",
     "rope_deltas", "rotary", "rotate_half", "select_best_resolution", "set_attn_implementation", "set_layer_kv",
     "transformers_version", "warn_if_untested",
 ]

@@ -28,7 +28,7 @@ import torch
 
 from . import _ops, hf, nvtx
 from .instance_patch import WrappedMethod
-from .vision_capture import VisionCaptures
+from .vision_capture import VisionCaptures, item_runs, layout_sizes
 from .reference import keep_mask_ref
 
 if TYPE_CHECKING:
@@ -46,7 +46,11 @@ class TokenBatch:
         text_pos: [B, S] int64 text positions HF passes to the layers (Qwen's 4th row), or None.
         mask2d: [B, S] padding mask (1 real, 0 pad), or None when the batch has no padding.
         index: [B, S] int64 position of each token in the unpruned prompt (-1 for padding).
-        visual: [B, S] bool, True for visual tokens.
+        visual: [B, S] bool, True for visual tokens (images and videos).
+        deepstack: per early decoder layer l, [N, H] rows the model adds to the hidden states of
+            the ``N`` visual tokens of this batch (row-major order of ``visual``) after layer l
+            (Qwen3-VL's deepstack), or None. The rows belong to the tokens: compaction keeps the
+            rows of the kept tokens.
     """
 
     hidden: torch.Tensor
@@ -55,6 +59,7 @@ class TokenBatch:
     mask2d: torch.Tensor | None
     index: torch.Tensor
     visual: torch.Tensor
+    deepstack: list[torch.Tensor] | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -62,6 +67,13 @@ class TokenBatch:
         if self.mask2d is None:
             return torch.ones(self.index.shape, dtype=torch.bool, device=self.index.device)
         return self.mask2d.bool()
+
+    def add_deepstack(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [B, S, H] (this batch's output of decoder ``layer``) plus that layer's
+        deepstack rows at the visual tokens; unchanged past the deepstack layers or without any."""
+        if self.deepstack is None or layer >= len(self.deepstack):
+            return hidden
+        return hf.add_deepstack(hidden, self.visual, self.deepstack[layer])
 
 
 def keep_mask_from_scores(
@@ -133,7 +145,11 @@ def compact_batch(batch: TokenBatch, keep: torch.Tensor, caches: list[torch.Tens
     # Padding slots come back as 0; mark them -1 so they never alias token 0.
     index = torch.where(mask.bool(), index, torch.full_like(index, -1))
     visual = packed[-1].bool()
-    return TokenBatch(hidden, pos, text_pos, mask, index, visual), caches
+    deepstack = None
+    if batch.deepstack is not None:
+        rows = keep[batch.visual]  # the kept visual tokens, in the row-major order the rows are in
+        deepstack = [d[rows] for d in batch.deepstack]
+    return TokenBatch(hidden, pos, text_pos, mask, index, visual, deepstack), caches
 
 
 def causal_mask(config, hidden: torch.Tensor, mask2d: torch.Tensor | None):
@@ -155,35 +171,40 @@ def run_layers(rt, lm, batch: TokenBatch, layers: range, cache, use_cache, kwarg
     for i in layers:
         hidden = hf.call_layer(lm.layers[i], hidden, mask=mask, rope=rope, text_pos=batch.text_pos, cache=cache,
                                use_cache=use_cache, **kwargs)
+        hidden = batch.add_deepstack(i, hidden)
     return hidden
 
 
-def sample_stats(batch: TokenBatch, keep_vis: torch.Tensor, sizes: list[int]) -> list[dict]:
-    """Per-sample counts for ``handle.stats``: prompt length, visual tokens, kept, per image.
+def sample_stats(batch: TokenBatch, keep_vis: torch.Tensor, sizes: list[int], kinds: list[str] | None = None) -> list[dict]:
+    """Per-sample counts for ``handle.stats``: prompt length, visual tokens, kept, and per visual
+    item (``"images"`` and ``"videos"``, each in prompt order, ``{"tokens", "kept"}`` per item).
 
     Args:
-        batch: the prompt ([B, S]); images are consumed in batch order.
-        keep_vis: [N] bool over all visual tokens, images concatenated.
-        sizes: tokens of each image.
+        batch: the prompt ([B, S]); items are consumed in batch order.
+        keep_vis: [N] bool over all visual tokens, items concatenated.
+        sizes: tokens of each visual item (an image or a whole video).
+        kinds: ``"image"`` or ``"video"`` per item (None: all images).
     """
+    kinds = kinds if kinds is not None else ["image"] * len(sizes)
     per_sample = batch.visual.sum(1).tolist()
-    kept_per_image, start = [], 0
+    kept_per_item, start = [], 0
     for n in sizes:
-        kept_per_image.append(int(keep_vis[start:start + n].sum()))
+        kept_per_item.append(int(keep_vis[start:start + n].sum()))
         start += n
-    stats, img = [], 0
+    stats, item = [], 0
     for b, n in enumerate(per_sample):
-        images, consumed = [], 0
+        found = {"image": [], "video": []}
+        consumed = 0
         while consumed < n:
-            if img >= len(sizes):
-                raise RuntimeError(f"token_prune: the images' token counts {sizes} do not add up to the visual "
-                                   f"tokens of each sample {per_sample}")
-            images.append({"tokens": sizes[img], "kept": kept_per_image[img]})
-            consumed += sizes[img]
-            img += 1
-        kept = sum(i["kept"] for i in images)
+            if item >= len(sizes):
+                raise RuntimeError(f"token_prune: the visual items' token counts {sizes} do not add up to the "
+                                   f"visual tokens of each sample {per_sample}")
+            found[kinds[item]].append({"tokens": sizes[item], "kept": kept_per_item[item]})
+            consumed += sizes[item]
+            item += 1
+        kept = sum(i["kept"] for i in found["image"] + found["video"])
         stats.append({"prompt_len": int(batch.valid[b].sum()), "visual_tokens": n, "kept_tokens": kept,
-                      "keep_ratio": kept / n if n else 1.0, "images": images})
+                      "keep_ratio": kept / n if n else 1.0, "images": found["image"], "videos": found["video"]})
     return stats
 
 
@@ -294,18 +315,23 @@ class CallContext:
     """Inputs of one outer model call that the language-model forward needs."""
 
     input_ids: torch.Tensor | None = None
-    #: [B, S] bool visual tokens, when the call gave embeddings instead of ids
-    visual: torch.Tensor | None = None
+    #: [B, S] kind of each token (0 text, 1 image, 2 video), when the call gave embeddings
+    #: instead of ids
+    kinds: torch.Tensor | None = None
     #: [B, S] padding mask of the call (to recognise generate's repeated prompts)
     attention_mask: torch.Tensor | None = None
     #: the call computes a loss from labels: the output must stay aligned with the input
     aligned: bool = False
-    #: [n_images, 2] token grid (rows, cols) of each image, filled at prefill
+    #: the VIP's attention segments: [n_segments, 2] token grids (rows, cols), or (positions
+    #: [N, 2], tokens per segment); an image is one segment, a video one per temporal group
     image_grids: torch.Tensor | None = None
     #: per condition layer [N, width] pooled vision features, natural token order
     vision_features: list[torch.Tensor] | None = None
-    #: tokens of each image, in prompt order
+    #: tokens of each visual item (an image, or a whole video), in prompt order: the unit of the
+    #: keep rules
     image_sizes: list[int] | None = None
+    #: ``"image"`` or ``"video"`` per item of ``image_sizes``
+    item_kinds: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -322,6 +348,7 @@ class Runtime:
         self.stats: list[dict] = []
         self.keep_mask: torch.Tensor | None = None
         self.captures = VisionCaptures()
+        self._encoding: str | None = None  # kind of the encoder method running, if any
         self._hooks: list = []
         self._saved: list[tuple[torch.nn.Module, str, bool, object]] = []
 
@@ -332,6 +359,9 @@ class Runtime:
             self.wrap_method(self.adapter.model, "forward", self._top_forward)
             self.wrap_method(outer, "forward", self._outer_forward)
             self.wrap_method(lm, "forward", self._lm_forward)
+            for kind, name in self.adapter.encoder_methods.items():
+                if callable(getattr(outer, name, None)) and (kind == "image" or self.adapter.supports_video):
+                    self.wrap_method(outer, name, self._encoder(kind))
             # Installed even when the method reads no features: the hooks also record each
             # image's token grid, which per-image keep rules need.
             self._hooks.extend(self.adapter.install_vision_hooks(self, self.method.vision_layers()))
@@ -362,10 +392,32 @@ class Runtime:
         self.pruned = None
 
     # -- vision features -------------------------------------------------------------------
-    def add_vision_capture(self, feats: list[torch.Tensor], layout) -> None:
-        """Called by the adapter's hooks after every vision-tower pass: per condition [N, C]
-        features (images concatenated, natural token order) and the images' token layout."""
-        self.captures.add(feats, layout)
+    def _encoder(self, kind: str):
+        """Wrapper of the outer model's encoder method for ``kind``: vision passes inside it are
+        recorded as that kind (the outermost one: a video encoder may call the image encoder)."""
+        def run(orig, module, *args, **kwargs):
+            prev = self._encoding
+            self._encoding = prev or kind
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self._encoding = prev
+        return run
+
+    def add_vision_capture(self, feats: list[torch.Tensor], layout, items: list[int] | None = None,
+                           segments: list[int] | None = None) -> None:
+        """Called by the adapter's hooks after every vision-tower pass.
+
+        Args:
+            feats: per condition [N, C] features (segments concatenated, natural token order).
+            layout: the VIP segments, a grid [n_segments, 2] or (positions [N, 2], tokens per
+                segment).
+            items: tokens of each item (an image, or a whole video); default one per segment.
+            segments: segments of each item (a video: one per temporal group); default 1 each.
+
+        The pass is tagged with the kind of the encoder method running it (untagged outside one).
+        """
+        self.captures.add(feats, layout, items, segments, kind=self._encoding)
 
     # -- forwards ------------------------------------------------------------------------
     def _top_forward(self, orig, module, *args, **kwargs):
@@ -390,8 +442,8 @@ class Runtime:
         ctx = CallContext(input_ids=input_ids, aligned=labels is not None,
                           attention_mask=mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None)
         if input_ids is None and embeds is not None:
-            # Embeddings in place of ids: find the image placeholders the way HF does.
-            ctx.visual = self.adapter.visual_mask(inputs_embeds=embeds)
+            # Embeddings in place of ids: find the visual placeholders the way HF does.
+            ctx.kinds = self.adapter.visual_kinds(inputs_embeds=embeds)
         cache = hf.get_cache(a) or hf.get_cache(extra)
         if self.pruned is not None and self.pruned.owns(cache) and get("position_ids") is None:
             pos = self.adapter.decode_positions(self, dict(a, **extra))
@@ -416,9 +468,10 @@ class Runtime:
         cache = cache if cache is not None else other
         cache_len = hf.layer_length(cache, 0)
         if cache_len == 0:
-            visual = None
+            visual = kinds = None
             if ctx is not None:
-                visual = ctx.visual if ctx.visual is not None else self.adapter.visual_mask(input_ids=ctx.input_ids)
+                kinds = ctx.kinds if ctx.kinds is not None else self.adapter.visual_kinds(input_ids=ctx.input_ids)
+                visual = None if kinds is None else kinds > 0
             if visual is not None and bool(visual.any()):
                 if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
                     raise NotImplementedError(
@@ -429,9 +482,18 @@ class Runtime:
                     raise NotImplementedError(
                         f"token_prune: pruning needs a DynamicCache (got {type(cache).__name__}, e.g. from "
                         "cache_implementation='static'); use the default dynamic cache")
-                ctx.vision_features, ctx.image_grids, ctx.image_sizes = self.captures.take(
-                    visual, input_ids=ctx.input_ids, mask=ctx.attention_mask,
+                feats, layout, sizes, item_kinds = self.captures.take(
+                    kinds, input_ids=ctx.input_ids, mask=ctx.attention_mask,
                     required=bool(self.method.vision_layers()))
+                if layout is None:
+                    sizes, item_kinds = item_runs(kinds)
+                else:
+                    regrouped = self.adapter.resolve_layout(feats, layout, visual)
+                    if regrouped[1] is not layout:  # the family regrouped its pass: one image per segment
+                        feats, layout = regrouped
+                        sizes = layout_sizes(layout)
+                        item_kinds = ["image"] * len(sizes)
+                ctx.vision_features, ctx.image_grids, ctx.image_sizes, ctx.item_kinds = feats, layout, sizes, item_kinds
                 ctx.extra["pruned"] = True
                 return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, cache,
                                             inputs_embeds, use_cache, visual, kwargs)
@@ -493,7 +555,11 @@ class Runtime:
         index = torch.arange(S, device=dev).expand(B, S)
         if mask2d is not None:
             index = torch.where(mask2d.bool(), index, torch.full_like(index, -1))
-        batch = TokenBatch(inputs_embeds, pos, text_pos, mask2d, index, visual.to(dev))
+        deep_mask, deepstack = hf.pop_deepstack(kwargs)
+        if deepstack is not None and not torch.equal(deep_mask.to(dev), visual.to(dev)):
+            raise RuntimeError("token_prune: the model's deepstack positions differ from the visual tokens found "
+                               "in the prompt")
+        batch = TokenBatch(inputs_embeds, pos, text_pos, mask2d, index, visual.to(dev), deepstack)
 
         with nvtx.range("token_prune.prefill"):
             res = self.method.prefill(self, lm, batch, cache, use_cache, kwargs)

@@ -19,11 +19,26 @@ from .models import ADAPTERS, DEFAULT_MODEL, adapter_class
 
 @dataclass
 class SampleSpec:
-    """One synthetic prompt: text before the images, images (height x width in pixels), text after."""
+    """One synthetic prompt: text before the visual inputs, images (height x width in pixels) and
+    videos (frames x height x width), text after.
+
+    ``order`` says in which order the images and videos appear (``"image"`` / ``"video"`` per
+    item, e.g. ``("video", "image")``); by default the images come first, then the videos.
+    """
 
     images: tuple[tuple[int, int], ...] = ((64, 64),)
     prefix_len: int = 3
     suffix_len: int = 5
+    videos: tuple[tuple[int, int, int], ...] = ()
+    order: tuple[str, ...] | None = None
+
+    def items(self) -> list[tuple[str, tuple]]:
+        """(kind, size) of each image and video in prompt order."""
+        order = self.order or ("image",) * len(self.images) + ("video",) * len(self.videos)
+        if sorted(order) != sorted(("image",) * len(self.images) + ("video",) * len(self.videos)):
+            raise ValueError(f"order {order} does not list {len(self.images)} images and {len(self.videos)} videos")
+        it = {"image": iter(self.images), "video": iter(self.videos)}
+        return [(kind, next(it[kind])) for kind in order]
 
 
 def tiny_config(model_type: str = DEFAULT_MODEL, **overrides):
@@ -51,8 +66,9 @@ def make_inputs(model, samples: list[SampleSpec], seed: int = 0, device=None, po
     """Processor-like inputs for ``model`` from sample specs, as the family's processor lays them out.
 
     Returns ``input_ids`` / ``attention_mask`` [B, S] (left padded), ``mm_token_type_ids`` [B, S]
-    where the family takes them (0 text, 1 image), and, when any sample has images, the family's
-    pixel inputs (``pixel_values`` plus ``image_grid_thw`` or ``image_sizes``) in prompt order.
+    where the family takes them (0 text, 1 image, 2 video), and, when any sample has images, the
+    family's pixel inputs (``pixel_values`` plus ``image_grid_thw`` or ``image_sizes``) in prompt
+    order; when any has videos, its video inputs (``pixel_values_videos``, ``video_grid_thw``).
     Text ids are drawn from ``pool`` (default: every non-special id) with a generator seeded by
     ``seed``; pixels from a second one, on ``pixel_device`` (default CPU).
     """
@@ -65,14 +81,20 @@ def make_inputs(model, samples: list[SampleSpec], seed: int = 0, device=None, po
     def text(n):
         return pool[torch.randint(len(pool), (n,), generator=gen)].tolist()
 
-    rows, types, images = [], [], []
+    rows, types, images, videos = [], [], [], []
     for spec in samples:
         parts = [("text", text(spec.prefix_len))]
-        for h, w in spec.images:
-            parts.append(("image", family.image_tokens(cfg, h, w)))
+        for kind, size in spec.items():
+            if kind == "image":
+                parts.append(("image", family.image_tokens(cfg, *size)))
+                images.append(size)
+            else:
+                if not family.supports_video:
+                    raise ValueError(f"{family.display_name or family.model_type} takes no videos")
+                parts.append(("video", family.video_tokens(cfg, *size)))
+                videos.append(size)
             if family.image_separator_tokens:
                 parts.append(("text", text(family.image_separator_tokens)))
-            images.append((h, w))
         parts.append(("text", text(spec.suffix_len)))
         ids, tt = family.prompt_tokens(cfg, parts)
         rows.append(ids)
@@ -93,25 +115,38 @@ def make_inputs(model, samples: list[SampleSpec], seed: int = 0, device=None, po
     if images:
         pix_gen = torch.Generator(device=pixel_device or "cpu").manual_seed(seed + 1)
         out.update(family.random_pixels(cfg, images, pix_gen, device, model.dtype))
+    if videos:
+        vid_gen = torch.Generator(device=pixel_device or "cpu").manual_seed(seed + 2)
+        out.update(family.random_video_pixels(cfg, videos, vid_gen, device, model.dtype))
     return out
 
 
-def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_after: int) -> dict:
+def prompt_layout(config, image_hw: tuple[int, int], text_before: int, text_after: int,
+                  video_frames: int | None = None) -> dict:
     """Token counts of a one-image prompt as :func:`make_inputs` builds it for ``SampleSpec(
-    images=(image_hw,), prefix_len=text_before, suffix_len=text_after)``, from the config alone.
+    images=(image_hw,), prefix_len=text_before, suffix_len=text_after)``, from the config alone;
+    with ``video_frames``, of a one-video prompt (``videos=((video_frames, *image_hw),)``).
 
     Returns ``{"text": T, "visual": N, "prompt": T + N}`` plus what the vision tower processes
-    (``"vision_patches"`` or ``"tiles"``).
+    (``"vision_patches"`` or ``"tiles"``; a video: over all frames, and ``"frame_groups"``).
     """
     family = adapter_class(config.model_type)
     h, w = image_hw
-    n = family.image_tokens(config, h, w)
-    parts = [("text", [0] * text_before), ("image", n)]
+    if video_frames:
+        groups = family.video_tokens(config, video_frames, h, w)
+        n = sum(groups)
+        parts = [("text", [0] * text_before), ("video", groups)]
+        units = {k: v * len(groups) for k, v in family.vision_units(config, h, w).items()}
+        units["frame_groups"] = len(groups)
+    else:
+        n = family.image_tokens(config, h, w)
+        parts = [("text", [0] * text_before), ("image", n)]
+        units = family.vision_units(config, h, w)
     if family.image_separator_tokens:
         parts.append(("text", [0] * family.image_separator_tokens))
     parts.append(("text", [0] * text_after))
     ids, _ = family.prompt_tokens(config, parts)
-    return {"text": len(ids) - n, "visual": n, "prompt": len(ids), **family.vision_units(config, h, w)}
+    return {"text": len(ids) - n, "visual": n, "prompt": len(ids), **units}
 
 
 def _image_runs(ids: torch.Tensor, image_token_id: int) -> int:
@@ -124,11 +159,24 @@ def select_sample(model, inputs: dict, b: int) -> dict:
     """Sample ``b`` of a left-padded batch, laid out exactly as if it had been built alone."""
     mask = inputs["attention_mask"][b].bool()
     out = {k: inputs[k][b:b + 1, mask] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+    family = adapter_class(model.config.model_type)
     if "pixel_values" in inputs:
         tok = model.config.image_token_id
         counts = [_image_runs(row, tok) for row in inputs["input_ids"]]
         if counts[b]:
-            out.update(adapter_class(model.config.model_type).pixel_rows(inputs, sum(counts[:b]), counts[b]))
+            out.update(family.pixel_rows(inputs, sum(counts[:b]), counts[b], config=model.config))
+    if "pixel_values_videos" in inputs:
+        # Videos by their token counts: a video's tokens may come in several runs (one per frame).
+        per_row = (inputs["input_ids"] == model.config.video_token_id).sum(1).tolist()
+        sizes, first, count, seen = family.video_sizes(model.config, inputs), None, 0, 0
+        for i, n in enumerate(sizes):
+            row = next(r for r in range(len(per_row)) if sum(per_row[:r + 1]) > seen)
+            if row == b:
+                first = i if first is None else first
+                count += 1
+            seen += n
+        if count:
+            out.update(family.video_rows(inputs, first, count))
     return out
 
 

@@ -114,19 +114,25 @@ def build_model(
 
 
 def synthetic_inputs(
-    model, image_hw: tuple[int, int], batch: int, text_before: int, text_after: int, seed: int = 0, device=None
+    model, image_hw: tuple[int, int], batch: int, text_before: int, text_after: int, seed: int = 0, device=None,
+    video_frames: int | None = None,
 ) -> dict:
-    """Processor-like inputs for ``batch`` prompts of one image each (the same token layout in
-    every row, so there is no padding; text ids and pixels differ per row), as the family's
-    processor lays them out (:func:`token_prune.tiny.make_inputs`). Text ids avoid every special
-    id and the lowest ids; pixels are drawn on ``device`` (default: the model's)."""
+    """Processor-like inputs for ``batch`` prompts of one image each (or, with ``video_frames``,
+    one video of that many frames of ``image_hw``) (the same token layout in every row, so there
+    is no padding; text ids and pixels differ per row), as the family's processor lays them out
+    (:func:`token_prune.tiny.make_inputs`). Text ids avoid every special id and the lowest ids;
+    pixels are drawn on ``device`` (default: the model's)."""
     from ..tiny import SampleSpec, make_inputs, text_pool
 
     cfg = model.config
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     vocab = cfg.text_config.vocab_size
     pool = text_pool(cfg, low=min(16, vocab // 4), high=32000)
-    spec = SampleSpec(images=(tuple(image_hw),), prefix_len=text_before, suffix_len=text_after)
+    if video_frames:
+        spec = SampleSpec(images=(), videos=((video_frames, *image_hw),), prefix_len=text_before,
+                          suffix_len=text_after)
+    else:
+        spec = SampleSpec(images=(tuple(image_hw),), prefix_len=text_before, suffix_len=text_after)
     try:
         return make_inputs(model, [spec] * batch, seed=seed, device=dev, pool=pool, pixel_device=dev)
     except ValueError as e:  # an image size the family cannot take

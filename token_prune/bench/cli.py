@@ -49,6 +49,7 @@ DEFAULTS = dict(
     check_rtol=None,
     seed=0,
     alvts_selector="random",
+    video_frames=None,
     out_dir=os.path.join("bench", "results"),
     device=None,
     threads=None,
@@ -97,8 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to run")
     g.add_argument(
         "--preset", choices=sorted(PRESETS), help="a named configuration (qwen2_5_vl_7b_4k: Qwen2.5-VL-7B with 4096 "
-        "visual tokens, every method, GPU; <arch>_cpu[_batch4|_bf16]: the mid-size CPU architectures on one pinned "
-        "thread, see token_prune/bench/presets.py)"
+        "visual tokens, every method, GPU; qwen2_5_vl_7b_video: the same model on a 32-frame 448x448 video; "
+        "<arch>_cpu[_batch4|_bf16]: the mid-size CPU architectures on one pinned thread, see token_prune/bench/presets.py)"
     )
     g.add_argument(
         "--model",
@@ -111,6 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--image", type=_hw, help="image size HxW in pixels (Qwen2.5-VL: multiples of 28; LLaVA-NeXT: anyres)"
     )
+    g.add_argument("--video-frames", type=int,
+                   help="the prompt holds one video of this many frames of --image size instead of an image "
+                        "(families that take videos)")
     g.add_argument("--text-before", type=int, help="text tokens before the image")
     g.add_argument("--text-after", type=int, help="text tokens after the image (question + assistant prefix)")
     g.add_argument(
@@ -232,6 +236,7 @@ def resolve_options(args) -> dict:
         "dtype": args.dtype,
         "attn": args.attn,
         "image": args.image,
+        "video_frames": args.video_frames,
         "text_before": args.text_before,
         "text_after": args.text_after,
         "settings": args.settings_cli,
@@ -517,7 +522,7 @@ def _cost_only(o: dict, arch: dict, config, log) -> int:
     L = config.text_config.num_hidden_layers
     settings = expand_settings(o["settings"], o["keep_ratios"], family, L)
     a = cm.arch_from_config(config, dtype_bytes=torch.tensor([], dtype=getattr(torch, o["dtype"])).element_size())
-    lay = cm.prompt_layout(config, tuple(o["image"]), o["text_before"], o["text_after"])
+    lay = cm.prompt_layout(config, tuple(o["image"]), o["text_before"], o["text_after"], o.get("video_frames"))
     gpu = os.environ.get("TOKEN_PRUNE_COST_GPU", "H100")
     rows = []
     for s in settings:

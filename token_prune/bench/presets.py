@@ -1,6 +1,6 @@
 """Named benchmark configurations (``token-prune bench --preset NAME``).
 
-GPU: ``qwen2_5_vl_7b_4k``. CPU (one pinned thread, interleaved paired repeats, thread CPU time;
+GPU: ``qwen2_5_vl_7b_4k``, ``qwen2_5_vl_7b_video``. CPU (one pinned thread, interleaved paired repeats, thread CPU time;
 see bench/NOTES.md "Measured on the CPU"): ``<arch>_cpu`` is the full list of settings in float32
 at batch 1; ``<arch>_cpu_batch4`` and ``<arch>_cpu_bf16`` measure a shorter list at batch 4 and in
 bfloat16, so that each run stays within about 20 minutes on one core.
@@ -94,6 +94,31 @@ PRESETS = {
         sweep_decode_tokens=16,
         sweep_warm_steps=4,
         mem_cap_gb=70.0,
+        check_tokens=8,
+        check_batch=1,
+    ),
+    # Qwen2.5-VL-7B, one video of 32 frames at 448x448 (16 temporal groups of 16x16 = 4096 merged
+    # visual tokens): every method, the keep ratio applied per video.
+    "qwen2_5_vl_7b_video": dict(
+        model="qwen2_5_vl_7b",
+        image=(448, 448),
+        video_frames=32,
+        dtype="bfloat16",
+        attn="sdpa",
+        settings=["none", "glimpse:layer=18", "glimpse:layer=2,keep_ratio=0.074", "fastv:layer=2", "alvts",
+                  "alvts:keep_ratio=0.11,skipped=drop"],
+        keep_ratios={
+            "glimpse": [0.074, 0.25, 0.5, 1.0],
+            "fastv": [0.074, 0.25, 0.5, 1.0],
+            "alvts": [0.11, 0.25, 0.5, 1.0],
+        },
+        batch=1,
+        decode_tokens=32,
+        warmup=2,
+        repeats=5,
+        decode_warmup=1,
+        decode_repeats=3,
+        sweep=False,
         check_tokens=8,
         check_batch=1,
     ),

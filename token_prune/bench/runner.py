@@ -43,7 +43,8 @@ class Bench:
         self.family = model.config.model_type
         self.cost_arch = cm.arch_from_config(model.config, dtype_bytes=p.element_size())
         self.image = tuple(opts["image"])
-        self.layout = cm.prompt_layout(model.config, self.image, opts["text_before"], opts["text_after"])
+        self.frames = opts.get("video_frames")
+        self.layout = cm.prompt_layout(model.config, self.image, opts["text_before"], opts["text_after"], self.frames)
         self.weights_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         self._inputs: dict = {}
         self._selectors: dict = {}
@@ -60,7 +61,8 @@ class Bench:
         if batch in self._inputs:
             return self._inputs[batch]
         x = synthetic_inputs(
-            self.model, self.image, batch, self.o["text_before"], self.o["text_after"], seed=self.o["seed"]
+            self.model, self.image, batch, self.o["text_before"], self.o["text_after"], seed=self.o["seed"],
+            video_frames=self.frames,
         )
         if cache:
             self._inputs = {batch: x}
@@ -379,7 +381,8 @@ class Bench:
     def _sweep_inner(self, setting: Setting, B: int):
         o = self.o
         with nvtx.range(f"bench.sweep.{_nvtx_name(setting.label)}.B{B}"), self.patched(setting) as handle:
-            inputs = synthetic_inputs(self.model, self.image, B, o["text_before"], o["text_after"], seed=o["seed"])
+            inputs = synthetic_inputs(self.model, self.image, B, o["text_before"], o["text_after"], seed=o["seed"],
+                                      video_frames=self.frames)
             resident = self.mem()
             self.reset_peak()
             g = self.generate_timed(inputs, o["sweep_decode_tokens"], warm_steps=o["sweep_warm_steps"])

@@ -38,7 +38,8 @@ import weakref
 import torch
 
 from .. import _ops, hf, nvtx
-from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores
+from ..models.base import head_norm
+from ..runtime import PrefillResult, causal_mask, compact_batch, keep_mask_from_scores, sample_stats
 from .base import PruningMethod, check_fraction, check_int, check_layer, image_sizes
 
 FORMAT = "token_prune.alvts_selector"
@@ -115,8 +116,8 @@ class LowRankSelector(torch.nn.Module):
             q = q + attn.q_proj.bias
         if attn.k_proj.bias is not None:
             k = k + attn.k_proj.bias
-        q = q.view(B, S, -1, d).transpose(1, 2)
-        k = k.view(B, S, -1, d).transpose(1, 2)
+        q = head_norm(attn, "q", q.view(B, S, -1, d)).transpose(1, 2)
+        k = head_norm(attn, "k", k.view(B, S, -1, d)).transpose(1, 2)
         return hf.apply_rotary(q, cos, sin), hf.apply_rotary(k, cos, sin)
 
     def save(self, path, meta: dict | None = None) -> None:
@@ -346,6 +347,7 @@ class ALVTS(PruningMethod):
                 self.last_processed.append(full_valid.clone())
                 hidden = hf.call_layer(layer, hidden, mask=full_mask, rope=(cos, sin), text_pos=batch.text_pos,
                                        cache=cache, use_cache=use_cache, **kwargs)
+                hidden = batch.add_deepstack(i, hidden)
                 owned = True
                 layer_masks.append(full_valid.long())
                 processed.append(batch.visual.sum(1))
@@ -374,17 +376,19 @@ class ALVTS(PruningMethod):
             with nvtx.range("alvts.merge"):
                 hidden = scatter_rows(hidden, out, sub.index, inplace=owned)
                 owned = True
+                # The deepstack row belongs to the token: a token that skipped the layer gets it too.
+                hidden = batch.add_deepstack(i, hidden)
             if not context:
                 layer_masks.append(sub.valid.long())
             processed.append(sel.sum(1))
         batch.hidden = hidden
         per_layer = torch.stack(processed, 1).tolist()  # [B, layers]
-        stats = []
-        for b in range(hidden.shape[0]):
-            n = int(batch.visual[b].sum())
-            stats.append({"prompt_len": int(full_valid[b].sum()), "visual_tokens": n, "kept_tokens": n,
-                          "keep_ratio": 1.0, "visual_processed": per_layer[b],
-                          "processed_ratio": [p / n if n else 1.0 for p in per_layer[b]]})
+        # Nothing leaves the sequence: every item keeps all its tokens; what varies is per layer.
+        every = torch.ones(int(batch.visual.sum()), dtype=torch.bool)
+        stats = sample_stats(batch, every, sizes, rt.ctx.item_kinds)
+        for b, s in enumerate(stats):
+            n = s["visual_tokens"]
+            s.update(visual_processed=per_layer[b], processed_ratio=[p / n if n else 1.0 for p in per_layer[b]])
         if context:
             layer_masks = None  # every layer's cache holds the whole prompt: one shared decode mask
         return PrefillResult(hidden, batch, stats, layer_masks)

@@ -65,8 +65,8 @@ def check_layer(name: str, value, num_layers: int) -> int:
 # -- visual tokens -------------------------------------------------------------------------------
 
 def image_sizes(visual: torch.Tensor, known: list[int] | None) -> list[int]:
-    """Tokens of each image in batch order: the adapter's image sizes when known, else one
-    "image" per contiguous run of visual tokens.
+    """Tokens of each visual item (an image, or a whole video) in batch order: the sizes the
+    vision capture recorded when known, else one item per contiguous run of visual tokens.
 
     Args:
         visual: [B, S] bool, True at visual tokens.
@@ -170,7 +170,8 @@ class PruneAfterLayer(PruningMethod):
         raise NotImplementedError
 
     def select(self, rt, view: LayerKView) -> torch.Tensor:
-        """[N] bool keep decisions; by default the top ``ceil(keep_ratio * n)`` of each image."""
+        """[N] bool keep decisions; by default the top ``ceil(keep_ratio * n)`` of each item (an
+        image, or a whole video over all its frames)."""
         return keep_mask_from_scores(self.score(rt, view), view.sizes, keep_ratio=self.keep_ratio,
                                      scores_are_logits=False)
 
@@ -196,6 +197,7 @@ class PruneAfterLayer(PruningMethod):
                     seq.hidden = hidden
                 hidden = hf.call_layer(lm.layers[i], hidden, mask=mask, rope=rope, text_pos=seq.text_pos,
                                        cache=cache, use_cache=use_cache, **kwargs)
+                hidden = seq.add_deepstack(i, hidden)
         sizes = image_sizes(batch.visual, getattr(rt.ctx, "image_sizes", None))
         with nvtx.range(f"{name}.score"):
             keep_vis = self.select(rt, LayerKView(seq, batch, rope, cache, sizes))
@@ -220,7 +222,8 @@ class PruneAfterLayer(PruningMethod):
         if not self.prunes_cache:
             L, full, kept = len(lm.layers), seq.valid.long(), short.valid.long()
             layer_masks = [full] * (K + 1) + [kept] * (L - K - 1) if K + 1 < L else [full] * L
-        return PrefillResult(short.hidden, short, sample_stats(batch, keep_vis, sizes), layer_masks)
+        stats = sample_stats(batch, keep_vis, sizes, getattr(rt.ctx, "item_kinds", None))
+        return PrefillResult(short.hidden, short, stats, layer_masks)
 
 
 __all__ = ["PruningMethod", "PruneAfterLayer", "LayerKView", "check_fraction", "check_int", "check_layer",

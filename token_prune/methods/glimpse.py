@@ -11,7 +11,8 @@ Prefill, for a batch with images:
    scaled by ``1/sqrt(head_dim)``; raw logits for Qwen, log-softmax for LLaVA. It is computed
    from the layer's own projections, so SDPA / flash-attention stay on.
 3. The VIP turns the map and four intermediate ViT features into one logit per visual token;
-   the keep rule picks the survivors per image.
+   the keep rule picks the survivors per image (per video over all its frames; the VIP attends
+   within each image and each temporal group of a video).
 4. Hidden states, the KV cache of layers ``0..K``, positions and mask are compacted to text +
    kept visual tokens (the glimpse token goes too); layers ``K+1..`` run on the short sequence.
    Every layer's cache then holds only kept tokens, so decoding is cheaper as well.
@@ -26,6 +27,7 @@ import warnings
 import torch
 
 from .. import _ops, hf, nvtx
+from ..models.base import head_norm
 from ..runtime import TokenBatch, keep_mask_from_scores
 from ..vip import GlimpseConfig, GlimpseModules
 from .base import LayerKView, PruneAfterLayer, check_fraction, check_int, check_layer
@@ -37,7 +39,8 @@ def _fused_glimpse_map(adapter, K, h_in_k, cos, sin, cache, ext, vis_idx, log_so
     rotated keys, GQA heads shared, visual tokens given as ``vis_idx`` [N, 2] (sample, position)."""
     layer = adapter.lm.layers[K]
     B = h_in_k.shape[0]
-    q = layer.self_attn.q_proj(layer.input_layernorm(h_in_k[:, -1:])).view(B, -1, adapter.head_dim)
+    q = layer.self_attn.q_proj(layer.input_layernorm(h_in_k[:, -1:])).view(B, 1, -1, adapter.head_dim)
+    q = head_norm(layer.self_attn, "q", q)[:, 0]
     if cache is not None:
         keys = hf.layer_kv(cache, K)[0]
     else:
@@ -52,11 +55,11 @@ class GlimpsePrune(PruneAfterLayer):
     """Options (all keyword):
 
     * ``threshold`` (0.5): keep a visual token when ``sigmoid(logit) > threshold``.
-    * ``max_keep_ratio`` (None): cap on the kept fraction per image (top-k beyond it).
-    * ``min_keep`` (1): floor on the kept count per image (top-k below it).
+    * ``max_keep_ratio`` (None): cap on the kept fraction per image or video (top-k beyond it).
+    * ``min_keep`` (1): floor on the kept count per image or video (top-k below it).
     * ``layer`` (None): K, the decoder layer after which tokens are pruned; defaults to the
       VIP's training layer, else the public per-model setting.
-    * ``keep_ratio`` (None): keep exactly ``ceil(keep_ratio * N)`` top-scored tokens per image,
+    * ``keep_ratio`` (None): keep exactly ``ceil(keep_ratio * N)`` top-scored tokens per image or video,
       ignoring the threshold (for benchmarks and tests).
     * ``vip`` (None): a directory written by :meth:`GlimpseModules.save`, a public GlimpsePrune
       checkpoint directory (``config.json`` + ``new_modules_gp.pt``), or a
@@ -158,7 +161,7 @@ class GlimpsePrune(PruneAfterLayer):
             mask2d = torch.cat([mask2d, mask2d.new_ones(B, 1)], 1)
         return TokenBatch(hidden, pos, text_pos, mask2d,
                           torch.cat([batch.index, batch.index.new_full((B, 1), -1)], 1),
-                          torch.cat([batch.visual, batch.visual.new_zeros(B, 1)], 1))
+                          torch.cat([batch.visual, batch.visual.new_zeros(B, 1)], 1), batch.deepstack)
 
     def before_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         # Each layer's own projected glimpse vector is added to the glimpse token's state.
@@ -200,7 +203,7 @@ class GlimpsePrune(PruneAfterLayer):
                     scores = scores.masked_fill(~seq.valid[:, None, None, :], float("-inf")).log_softmax(-1)
                 attn_map = scores[:, :, 0, :S].transpose(1, 2)[prompt.visual]  # [N, heads]
 
-        layout = rt.ctx.image_grids  # grids [n_images, 2], or (positions [N, 2], tokens per image)
+        layout = rt.ctx.image_grids  # VIP segments: grids [n, 2], or (positions [N, 2], tokens per segment)
         if isinstance(layout, torch.Tensor):
             where = dict(grid_hw=layout.to(dev))
         else:

@@ -28,6 +28,11 @@ class ModelAdapter:
     """
 
     model_type: str = ""
+    #: whether the family takes videos (``pixel_values_videos``); their tokens are visual tokens
+    supports_video: bool = False
+    #: the outer model's methods that encode each kind of visual input; the runtime wraps them to
+    #: tag every vision-tower pass with its kind
+    encoder_methods: dict[str, str] = {"image": "get_image_features", "video": "get_video_features"}
     #: the transformers classes of the family (public API names)
     hf_model_class: str = ""
     #: a short human name, for reports
@@ -83,6 +88,11 @@ class ModelAdapter:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
+    @property
+    def video_token_id(self) -> int | None:
+        """The placeholder id of video tokens, or None for a family without video input."""
+        return getattr(self.model.config, "video_token_id", None) if self.supports_video else None
+
     @classmethod
     def glimpse_layer_for(cls, num_layers: int) -> int:
         """GlimpsePrune's default K for a ``num_layers``-deep decoder: the public setting of that
@@ -98,14 +108,28 @@ class ModelAdapter:
 
     def visual_mask(self, input_ids: torch.Tensor | None = None,
                     inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
-        """[B, S] bool: the visual placeholder tokens of a prompt given as ids [B, S] or as
-        embeddings [B, S, H] (rows equal to the placeholder's embedding, as HF finds them)."""
+        """[B, S] bool: the visual placeholder tokens (images and videos) of a prompt given as ids
+        [B, S] or as embeddings [B, S, H] (rows equal to a placeholder's embedding, as HF finds them)."""
+        kinds = self.visual_kinds(input_ids, inputs_embeds)
+        return None if kinds is None else kinds > 0
+
+    def visual_kinds(self, input_ids: torch.Tensor | None = None,
+                     inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[B, S] int64 kind of every prompt token: 0 text, 1 image, 2 video (``vision_capture.KIND_IDS``,
+        the numbering of HF's ``mm_token_type_ids``)."""
+        ids = [(1, self.image_token_id)] + ([(2, self.video_token_id)] if self.video_token_id is not None else [])
         if input_ids is not None:
-            return input_ids == self.image_token_id
+            out = torch.zeros_like(input_ids)
+            for kind, tok in ids:
+                out[input_ids == tok] = kind
+            return out
         if inputs_embeds is not None:
-            token = torch.tensor(self.image_token_id, device=inputs_embeds.device)
-            placeholder = self.model.get_input_embeddings()(token).to(inputs_embeds.dtype)
-            return (inputs_embeds == placeholder).all(-1)
+            out = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            for kind, tok in ids:
+                token = torch.tensor(tok, device=inputs_embeds.device)
+                placeholder = self.model.get_input_embeddings()(token).to(inputs_embeds.dtype)
+                out[(inputs_embeds == placeholder).all(-1)] = kind
+            return out
         return None
 
     def default_glimpse_layer(self) -> int:
@@ -130,10 +154,10 @@ class ModelAdapter:
         h = self.lm.layers[layer_idx].input_layernorm(hidden_in)
         B, T, _ = h.shape
         d = self.head_dim
-        q = hf.apply_rotary(attn.q_proj(h).view(B, T, -1, d).transpose(1, 2), cos, sin)
+        q = hf.apply_rotary(head_norm(attn, "q", attn.q_proj(h).view(B, T, -1, d)).transpose(1, 2), cos, sin)
         if not want_k:
             return q, None
-        k = hf.apply_rotary(attn.k_proj(h).view(B, T, -1, d).transpose(1, 2), cos, sin)
+        k = hf.apply_rotary(head_norm(attn, "k", attn.k_proj(h).view(B, T, -1, d)).transpose(1, 2), cos, sin)
         return q, k
 
     def layer_rows_with_context(self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -168,7 +192,7 @@ class ModelAdapter:
         Sq = rows_hidden.shape[1]
         d = self.head_dim
         h = layer.input_layernorm(hidden)
-        k = attn.k_proj(h).view(B, S, -1, d).transpose(1, 2)
+        k = head_norm(attn, "k", attn.k_proj(h).view(B, S, -1, d)).transpose(1, 2)
         v = attn.v_proj(h).view(B, S, -1, d).transpose(1, 2)
         k = hf.apply_rotary(k, cos, sin)
         if cache is not None:
@@ -207,6 +231,20 @@ class ModelAdapter:
         concatenated) and the token grid [n_images, 2] (rows, cols) of the images."""
         raise NotImplementedError
 
+    def resolve_layout(self, feats: list[torch.Tensor], layout, visual: torch.Tensor) -> tuple[list, object]:
+        """The vision features and layout a prefill uses, from the vision pass that fits its prompt.
+
+        Families whose vision pass cannot tell where one image ends (InternVL: tiles of every
+        image concatenated, the tile count of each image only in the prompt) record a per-tile
+        pass and regroup it here; the default returns the pass unchanged.
+
+        Args:
+            feats: per condition [N, C], as the adapter's hooks recorded them.
+            layout: their layout (a grid [n, 2] or (positions [N, 2], lengths)).
+            visual: [B, S] bool visual tokens of the prompt.
+        """
+        return feats, layout
+
     def decode_positions(self, runtime: "Runtime", kwargs: dict):
         """Fill in ``position_ids`` for a decode call on a pruned cache when the caller gave none."""
         return None
@@ -243,11 +281,36 @@ class ModelAdapter:
 
     @classmethod
     def prompt_tokens(cls, config, parts: list) -> tuple[list[int], list[int]]:
-        """Token ids and ``mm_token_type_ids`` (0 text, 1 image) of a prompt.
+        """Token ids and ``mm_token_type_ids`` (0 text, 1 image, 2 video) of a prompt.
 
         Args:
-            parts: ``("text", [ids])`` and ``("image", n_tokens)`` items in prompt order.
+            parts: ``("text", [ids])``, ``("image", n_tokens)`` and (families that take videos)
+                ``("video", tokens per temporal group)`` items in prompt order.
         """
+        raise NotImplementedError
+
+    # Videos (families with ``supports_video``): what the tiny prompts, ``select_sample`` and the
+    # benchmark's video setting need.
+    @classmethod
+    def video_tokens(cls, config, frames: int, height: int, width: int) -> list[int]:
+        """Visual tokens of each temporal group of a ``frames x height x width`` video."""
+        raise NotImplementedError(f"{cls.display_name or cls.model_type} takes no videos")
+
+    @classmethod
+    def random_video_pixels(cls, config, videos: list[tuple[int, int, int]], generator: torch.Generator, device,
+                            dtype) -> dict:
+        """Video inputs (``pixel_values_videos`` and the family's size tensors) for random videos of
+        the given (frames, height, width), in prompt order."""
+        raise NotImplementedError(f"{cls.display_name or cls.model_type} takes no videos")
+
+    @classmethod
+    def video_rows(cls, inputs: dict, first: int, count: int) -> dict:
+        """The video inputs of videos ``first .. first+count-1`` (prompt order) of a batch."""
+        raise NotImplementedError
+
+    @classmethod
+    def video_sizes(cls, config, inputs: dict) -> list[int]:
+        """Visual tokens of each video of a batch's inputs, in prompt order."""
         raise NotImplementedError
 
     @classmethod
@@ -269,8 +332,9 @@ class ModelAdapter:
         raise NotImplementedError
 
     @classmethod
-    def pixel_rows(cls, inputs: dict, first: int, count: int) -> dict:
-        """The pixel inputs of images ``first .. first+count-1`` (prompt order) of a batch."""
+    def pixel_rows(cls, inputs: dict, first: int, count: int, config=None) -> dict:
+        """The pixel inputs of images ``first .. first+count-1`` (prompt order) of a batch
+        (``config``: the model's, for families whose pixel rows per image follow from it)."""
         raise NotImplementedError
 
     @classmethod
@@ -285,6 +349,9 @@ class ModelAdapter:
         raise NotImplementedError(f"{cls.display_name or cls.model_type}: no config_of_size (the small trained "
                                   "model of the accuracy benchmark needs one)")
 
+    #: extra options of the tiny model's construction (``hf.model_from_config``)
+    tiny_model_options: dict = {}
+
     @classmethod
     def tiny_model(cls, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0,
                    device="cpu", **config_overrides):
@@ -295,7 +362,8 @@ class ModelAdapter:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = hf.model_from_config(getattr(transformers, cls.hf_model_class), config,
-                                         attn_implementation=attn_implementation, dtype=dtype)
+                                         attn_implementation=attn_implementation, dtype=dtype,
+                                         **cls.tiny_model_options)
         pad = config.text_config.pad_token_id
         model.generation_config.pad_token_id = pad if pad is not None else 0
         model.generation_config.eos_token_id = None  # random weights: never stop early in tests
@@ -319,9 +387,22 @@ class ModelAdapter:
 
     @classmethod
     def qkv_bias(cls, config) -> bool:
-        """Whether the decoder's q/k/v projections have biases."""
-        return bool(getattr(config.text_config, "attention_bias", False))
+        """Whether the decoder's q/k/v projections have biases (a Qwen2 decoder always has them)."""
+        tc = config.text_config
+        return tc.model_type == "qwen2" or bool(getattr(tc, "attention_bias", False))
 
+    @classmethod
+    def head_norms(cls, config) -> bool:
+        """Whether the decoder normalises queries and keys per head (``q_norm`` / ``k_norm``)."""
+        return False
+
+
+
+def head_norm(attn: torch.nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, T, heads, d] through the attention's per-head RMSNorm ``q_norm`` / ``k_norm``
+    (decoders that normalise queries and keys per head before rotary), or unchanged without one."""
+    norm = getattr(attn, f"{which}_norm", None)
+    return x if norm is None else norm(x)
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -330,4 +411,4 @@ def pil_to_tensor(image) -> torch.Tensor:
     return data.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-__all__ = ["ModelAdapter", "pil_to_tensor"]
+__all__ = ["ModelAdapter", "head_norm", "pil_to_tensor"]

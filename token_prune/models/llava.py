@@ -99,6 +99,8 @@ class LlavaAdapter(ModelAdapter):
     # Public GlimpsePrune settings: LLaVA-1.5-7B K=21 of 32, 13B K=26 of 40 (0-indexed).
     glimpse_layers = {32: 21, 40: 26}
     glimpse_score = "log_softmax"
+    #: the only ``vision_feature_select_strategy`` the feature capture supports
+    feature_strategy = "default"
 
     def __init__(self, model):
         super().__init__(model)
@@ -108,11 +110,11 @@ class LlavaAdapter(ModelAdapter):
                 f"token_prune: {self.model_type} with a {type(tower).__name__} vision tower is not supported "
                 "(a CLIP-style tower with encoder.layers is expected)"
             )
-        strategy = getattr(model.config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
+        strategy = getattr(model.config, "vision_feature_select_strategy", self.feature_strategy)
+        if strategy != self.feature_strategy:
             raise NotImplementedError(
                 f"token_prune: {self.model_type} with vision_feature_select_strategy={strategy!r} is not supported "
-                "(only 'default', which drops CLIP's CLS token, as released LLaVA checkpoints do)"
+                f"(only {self.feature_strategy!r}, as the released checkpoints of the family use)"
             )
 
     # -- structure -------------------------------------------------------------------------
@@ -187,6 +189,10 @@ class LlavaAdapter(ModelAdapter):
         side = self.tokens_per_side
         return torch.tensor([[side, side]], dtype=torch.long).expand(n_tiles, 2).clone()
 
+    def vision_record(self, feats: list[torch.Tensor], n_tiles: int, call_args: dict) -> tuple[list, object]:
+        """(features, layout) handed to the runtime for one ``get_image_features`` call."""
+        return feats, self.layout(n_tiles, call_args)
+
     def install_vision_hooks(self, runtime, layers):
         clip = self.clip_layers()
         depth = len(clip)
@@ -224,9 +230,9 @@ class LlavaAdapter(ModelAdapter):
             call_args = dict(bound.arguments)
             call_args.update(call_args.pop("kwargs", {}) or {})
             strategy = call_args.get("vision_feature_select_strategy")
-            if strategy is not None and strategy != "default":
-                raise NotImplementedError(
-                    f"token_prune: vision_feature_select_strategy={strategy!r} is not supported (only 'default')")
+            if strategy is not None and strategy != adapter.feature_strategy:
+                raise NotImplementedError(f"token_prune: vision_feature_select_strategy={strategy!r} is not supported "
+                                          f"(only {adapter.feature_strategy!r})")
             captured.clear()
             tiles[0] = None
             active[0] = True
@@ -236,7 +242,7 @@ class LlavaAdapter(ModelAdapter):
                 active[0] = False
             if tiles[0] is not None and all(v in captured for v in layers):
                 feats = [adapter.arrange(captured[v], call_args) for v in layers]
-                runtime.add_vision_capture(feats, adapter.layout(tiles[0], call_args))
+                runtime.add_vision_capture(*adapter.vision_record(feats, tiles[0], call_args))
             captured.clear()
             return out
 
@@ -273,7 +279,7 @@ class LlavaAdapter(ModelAdapter):
         return dict(pixel_values=pil_to_tensor(image.resize((side, side)))[None]), cls.image_tokens(config, 0, 0)
 
     @classmethod
-    def pixel_rows(cls, inputs, first, count):
+    def pixel_rows(cls, inputs, first, count, config=None):
         # One pixel_values (and image_sizes) row per image, in prompt order.
         return {k: inputs[k][first:first + count] for k in ("pixel_values", "image_sizes") if k in inputs}
 

@@ -98,12 +98,15 @@ class SoftGlimpseStudent:
         mask1 = torch.where(allowed1, zero, neg)[:, None]
         hidden = torch.cat([batch.hidden, gvec[0].view(1, 1, H).expand(B, 1, H)], 1)
         cos1, sin1 = adapter.rotary(hidden, pos1)
+        visual1 = torch.cat([visual, visual.new_zeros(B, 1)], 1)
         for i in range(K + 1):
             if i > 0:
                 hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + gvec[i]], 1)
             if i == K:
                 break
             hidden = self._call(layers[i], hidden, mask1, cos1, sin1, text_pos1, kwargs)
+            if batch.deepstack is not None and i < len(batch.deepstack):
+                hidden = hf.add_deepstack(hidden, visual1, batch.deepstack[i])
         q, k = adapter.project_qk(K, hidden, cos1, sin1)
         q = q[:, :, -1:]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -144,6 +147,7 @@ class SoftGlimpseStudent:
         hidden = batch.hidden
         for i, layer in enumerate(layers):
             hidden = self._call(layer, hidden, early if i <= K else late, cos2, sin2, batch.text_pos, kwargs)
+            hidden = batch.add_deepstack(i, hidden)
         stats = [{"visual_tokens": int(n)} for n in visual.sum(1).tolist()]
         return PrefillResult(hidden, batch, stats)
 
