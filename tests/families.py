@@ -100,7 +100,11 @@ FAMILIES = {
                # a 2x2 canvas shrunk by anyres_max; a wide canvas, unpadded; one tile
                samples=lambda: [SampleSpec(images=((112, 112),), prefix_len=3, suffix_len=6),
                                 SampleSpec(images=((60, 150), (56, 56)), prefix_len=5, suffix_len=4)],
-               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(112, 56)),
+               decode_position=llama_decode_position, prefill_position=llama_prefill_position, image=(112, 56),
+               # a 3-frame video (3 VIP segments, one keep-rule item) before an image
+               video_samples=lambda: [SampleSpec(images=((112, 112),), prefix_len=3, suffix_len=6),
+                                      SampleSpec(images=((56, 56),), videos=((3, 56, 56),), order=("video", "image"),
+                                                 prefix_len=5, suffix_len=4)]),
     ]
 }
 

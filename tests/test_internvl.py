@@ -1,8 +1,8 @@
 """What is particular to InternVL: the tile canvas (checked against transformers' own InternVL
 image processor), the VIP's geometric positions (checked against pixels that encode their own
 coordinates), conditions lined up with what the model feeds its projector, the published K and
-score form, and the refusal of decoders with per-head q/k norms. The contract every family keeps is
-tests/test_contract.py."""
+score form, and InternVL3.5's Qwen3 decoder (per-head q/k norms). The contract every family keeps
+is tests/test_contract.py."""
 
 from __future__ import annotations
 
@@ -164,20 +164,31 @@ def test_published_defaults():
     handle.remove()
 
 
-def test_decoder_with_qk_norm_is_refused():
-    """InternVL3.5's Qwen3 decoder (q_norm / k_norm) is refused clearly, and the model stays unpatched."""
-    model = tiny_model("internvl")
-    text = model.config.text_config.to_dict()
-    text.update(model_type="qwen3", head_dim=16)
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
+@pytest.mark.parametrize("mid", ["glimpse", "fastv", "alvts", "random"])
+def test_qwen3_decoder_with_qk_norms(mid):
+    """InternVL3.5's layout: a Qwen3 decoder, whose q/k are normalised per head before rotary. Keep
+    everything: the unpatched model; prune: the masked oracle (the contract's rules)."""
+    import test_contract as contract
+    from families import FAMILIES
 
-    config = InternVLConfig(text_config=text, vision_config=model.config.vision_config.to_dict(),
-                            image_token_id=model.config.image_token_id, image_seq_length=16, downsample_ratio=0.5)
-    qwen3 = InternVLForConditionalGeneration(config).eval()
-    with pytest.raises(NotImplementedError, match="InternVL3.5"):
-        tp.patch(qwen3, method="fastv")
-    assert tp.get_handle(qwen3) is None
-    assert all("forward" not in m.__dict__ for m in qwen3.modules())
+    row = FAMILIES["internvl"]
+    model = tiny_model("internvl", dtype=torch.float64, seed=7, decoder="qwen3")
+    assert hasattr(model.model.language_model.layers[0].self_attn, "q_norm")
+    inputs = row.inputs(model, seed=8)
+    valid = inputs["attention_mask"].bool()
+    method, opts = contract.METHODS[mid]
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tp.patch(model, method=method, **dict(opts, keep_ratio=1.0)):
+            out = model(**inputs).logits
+    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-12, atol=1e-12)
+    L = model.config.text_config.num_hidden_layers
+    with torch.no_grad(), tp.patch(model, method=method, **opts) as handle:
+        tokens, first = contract._generate_with_logits(model, inputs)
+        rules = contract.oracle_rules(handle, inputs, L)
+    ref_tokens, ref_first = contract._oracle(row, model, inputs, rules)
+    torch.testing.assert_close(first, ref_first.to(first.dtype), rtol=1e-6, atol=1e-6)
+    assert torch.equal(tokens, ref_tokens)
 
 
 def test_image_positions_by_hand():

@@ -131,3 +131,41 @@ def test_defaults():
     with pytest.raises(NotImplementedError, match="anyres_max"):
         tp.patch(model, method="fastv")
     assert tp.get_handle(model) is None
+
+
+def test_video_features_segments_and_items():
+    """A video: with a linear projector (pooling and projecting commute), the captured condition,
+    projected, is the embedding the model puts at every video token but the closing newline (a
+    zero condition); one VIP segment per frame on its pooled grid, the newline one past the last
+    frame's last column; the video is one keep-rule item, next to the image after it."""
+    model = tiny_model("llava_onevision", dtype=torch.float64, seed=5, projector_hidden_act="linear")
+    frames, p = 3, OV.pooled_side(model.config)
+    samples = [SampleSpec(images=((56, 56),), videos=((frames, 56, 56),), order=("video", "image"))]
+    inputs = make_inputs(model, samples, seed=6)
+    video = inputs["input_ids"] == model.config.video_token_id
+    assert int(video.sum()) == frames * p * p + 1 == sum(OV.video_tokens(model.config, frames, 56, 56))
+    emb = lm_inputs_embeds(model, inputs)
+    handle = tp.patch(model, method="glimpse", keep_ratio=0.5, layer=2)
+    seen = spy_prefill(handle)
+    got = {}
+    hook = handle.method.modules.vip.register_forward_pre_hook(lambda m, a, k: got.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+        stats = handle.stats
+    hook.remove()
+    handle.remove()
+    n_video = frames * p * p + 1
+    feat = seen["feats"][0][:n_video]  # the video comes first in the prompt
+    assert bool((feat[-1] == 0).all()) and bool((feat[:-1] != 0).any(-1).all())
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(feat[:-1])
+    torch.testing.assert_close(projected, emb[video][:-1], rtol=1e-10, atol=1e-10)
+    assert bool((emb[video][-1] == model.model.image_newline).all())
+    positions, lengths = seen["layout"]
+    frame = [[r, c] for r in range(p) for c in range(p)]
+    assert lengths[:frames] == [p * p] * (frames - 1) + [p * p + 1]
+    assert positions[:n_video].tolist() == frame * frames + [[p - 1, p]]
+    assert got["lengths"] == lengths
+    assert [v["tokens"] for v in stats[0]["videos"]] == [n_video]
+    assert [i["tokens"] for i in stats[0]["images"]] == [OV.image_tokens(model.config, 56, 56)]
+    assert stats[0]["videos"][0]["kept"] == -(-n_video // 2)

@@ -28,7 +28,7 @@ import torch
 
 from . import _ops, hf, nvtx
 from .instance_patch import WrappedMethod
-from .vision_capture import VisionCaptures, item_runs, layout_sizes
+from .vision_capture import VisionCaptures, item_runs
 from .reference import keep_mask_ref
 
 if TYPE_CHECKING:
@@ -482,18 +482,15 @@ class Runtime:
                     raise NotImplementedError(
                         f"token_prune: pruning needs a DynamicCache (got {type(cache).__name__}, e.g. from "
                         "cache_implementation='static'); use the default dynamic cache")
-                feats, layout, sizes, item_kinds = self.captures.take(
+                feats, layout, items, item_kinds = self.captures.take(
                     kinds, input_ids=ctx.input_ids, mask=ctx.attention_mask,
                     required=bool(self.method.vision_layers()))
-                if layout is None:
-                    sizes, item_kinds = item_runs(kinds)
-                else:
-                    regrouped = self.adapter.resolve_layout(feats, layout, visual)
-                    if regrouped[1] is not layout:  # the family regrouped its pass: one image per segment
-                        feats, layout = regrouped
-                        sizes = layout_sizes(layout)
-                        item_kinds = ["image"] * len(sizes)
-                ctx.vision_features, ctx.image_grids, ctx.image_sizes, ctx.item_kinds = feats, layout, sizes, item_kinds
+                if layout is not None:
+                    feats, layout, items, item_kinds = self.adapter.resolve_layout(feats, layout, items, item_kinds,
+                                                                                   kinds)
+                if items is None:
+                    items, item_kinds = item_runs(kinds)
+                ctx.vision_features, ctx.image_grids, ctx.image_sizes, ctx.item_kinds = feats, layout, items, item_kinds
                 ctx.extra["pruned"] = True
                 return self._pruned_prefill(lm, input_ids, attention_mask, position_ids, cache,
                                             inputs_embeds, use_cache, visual, kwargs)

@@ -18,11 +18,11 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     Qwen2_5_VLAdapter.model_type: Qwen2_5_VLAdapter,
     LlavaAdapter.model_type: LlavaAdapter,
     LlavaNextAdapter.model_type: LlavaNextAdapter,
+    InternVLAdapter.model_type: InternVLAdapter,
+    LlavaOnevisionAdapter.model_type: LlavaOnevisionAdapter,
     Qwen2VLAdapter.model_type: Qwen2VLAdapter,
     Qwen3VLAdapter.model_type: Qwen3VLAdapter,
     Qwen3VLMoeAdapter.model_type: Qwen3VLMoeAdapter,
-    InternVLAdapter.model_type: InternVLAdapter,
-    LlavaOnevisionAdapter.model_type: LlavaOnevisionAdapter,
 }
 
 #: the family the command line's tiny models and demos use when none is named

@@ -231,19 +231,22 @@ class ModelAdapter:
         concatenated) and the token grid [n_images, 2] (rows, cols) of the images."""
         raise NotImplementedError
 
-    def resolve_layout(self, feats: list[torch.Tensor], layout, visual: torch.Tensor) -> tuple[list, object]:
-        """The vision features and layout a prefill uses, from the vision pass that fits its prompt.
+    def resolve_layout(self, feats: list[torch.Tensor], layout, items: list[int], item_kinds: list[str],
+                       kinds: torch.Tensor) -> tuple[list, object, list[int], list[str]]:
+        """The vision features, VIP segments and keep-rule items a prefill uses, from the vision
+        passes that fit its prompt.
 
-        Families whose vision pass cannot tell where one image ends (InternVL: tiles of every
-        image concatenated, the tile count of each image only in the prompt) record a per-tile
-        pass and regroup it here; the default returns the pass unchanged.
+        Families whose vision pass cannot tell where one image ends (InternVL: the tiles of every
+        image concatenated, each image's tile count only in the prompt) record a pass of one item
+        per tile and regroup it here; the default returns it unchanged.
 
         Args:
             feats: per condition [N, C], as the adapter's hooks recorded them.
-            layout: their layout (a grid [n, 2] or (positions [N, 2], lengths)).
-            visual: [B, S] bool visual tokens of the prompt.
+            layout: the VIP segments (a grid [n, 2] or (positions [N, 2], tokens per segment)).
+            items: tokens per item; item_kinds: ``"image"`` / ``"video"`` per item.
+            kinds: [B, S] kind of every prompt token (0 text, 1 image, 2 video).
         """
-        return feats, layout
+        return feats, layout, items, item_kinds
 
     def decode_positions(self, runtime: "Runtime", kwargs: dict):
         """Fill in ``position_ids`` for a decode call on a pruned cache when the caller gave none."""

@@ -1,6 +1,6 @@
-"""InternVL (``InternVLForConditionalGeneration``, transformers' own classes; the InternVL2.5 and
-InternVL3 layouts): an InternViT tower, pixel shuffle, an MLP projector and a Qwen2 / Llama
-decoder with 1D RoPE.
+"""InternVL (``InternVLForConditionalGeneration``, transformers' own classes; the InternVL2.5,
+InternVL3 and InternVL3.5 layouts): an InternViT tower, pixel shuffle, an MLP projector and a
+Qwen2 / Llama / Qwen3 decoder with 1D RoPE.
 
 Token layout
 ------------
@@ -35,9 +35,8 @@ group). The default takes four spread over the depth, the deepest being the one 
 feeds its projector (``vision_feature_layer = -1``): 24, 17, 11, 5 for the 24-layer InternViT-300M.
 The public GlimpsePrune InternVL2.5-8B setup reads layer 21 (of 32) with raw attention logits.
 
-Not supported: InternVL3.5, whose Qwen3 decoder normalises q and k per head (``q_norm`` /
-``k_norm``) before rotary, which the glimpse map, FastV's score and ALVTS's selector do not
-model; the adapter refuses such a model with a clear error.
+InternVL3.5 has the same layout with a Qwen3 decoder, whose per-head q/k norms the shared q/k
+code applies (``models.base.head_norm``).
 """
 
 from __future__ import annotations
@@ -147,12 +146,6 @@ class InternVLAdapter(LlavaAdapter):
         if self.shuffle_factor(model.config) is None:
             raise NotImplementedError(f"token_prune: internvl with downsample_ratio={model.config.downsample_ratio} "
                                       "is not supported (1/downsample_ratio must be an integer)")
-        attn = model.model.language_model.layers[0].self_attn
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            raise NotImplementedError(
-                f"token_prune: this InternVL's decoder ({model.config.text_config.model_type}, e.g. InternVL3.5's "
-                "Qwen3) normalises q and k per head before rotary, which the glimpse map, FastV and ALVTS do not "
-                "model; InternVL2.5 / InternVL3 (Qwen2 or Llama decoders) are supported")
 
     # -- structure -------------------------------------------------------------------------
     def clip_layers(self):
@@ -201,11 +194,11 @@ class InternVLAdapter(LlavaAdapter):
         grid = torch.tensor([[g, g]], dtype=torch.long).expand(n_tiles, 2).clone()
         return feats + [colours], grid
 
-    def resolve_layout(self, feats, layout, visual):
+    def resolve_layout(self, feats, layout, items, item_kinds, kinds):
         *conds, colours = feats
         g = self.tokens_per_side
         per_tile = g * g
-        runs = visual_runs(visual)
+        runs = visual_runs(kinds > 0)
         if sum(runs) != colours.shape[0] or any(n % per_tile for n in runs):
             raise RuntimeError(f"token_prune: the prompt's image runs {runs} do not split the {colours.shape[0]} "
                                f"tokens of the vision pass into tiles of {per_tile}")
@@ -220,7 +213,7 @@ class InternVLAdapter(LlavaAdapter):
             positions.append(image_positions(rows, cols, g))
             start += n
         pos = torch.cat(positions) if positions else torch.zeros(0, 2, dtype=torch.long)
-        return conds, (pos.to(colours.device), runs)
+        return conds, (pos.to(colours.device), runs), runs, ["image"] * len(runs)
 
     # -- the family without a model ---------------------------------------------------------
     @classmethod
@@ -286,15 +279,21 @@ class InternVLAdapter(LlavaAdapter):
         return dict(pixel_values=inputs["pixel_values"][t0:t0 + sum(tiles[first:first + count])])
 
     @classmethod
+    def head_norms(cls, config):
+        return config.text_config.model_type in ("qwen3", "qwen3_moe")
+
+    @classmethod
     def tiny_config(cls, num_hidden_layers: int = 6, hidden_size: int = 64, num_attention_heads: int = 4,
                     num_key_value_heads: int = 2, vision_layers: int = 4, vocab_size: int = 128,
-                    image_size: int = 32, patch_size: int = 4):
+                    image_size: int = 32, patch_size: int = 4, decoder: str = "qwen2"):
         """A tiny InternVL: an InternViT of 4 layers on 32-px tiles of 4-px patches (8x8 patches,
-        4x4 = 16 tokens per tile after the pixel shuffle) and a 6-layer Qwen2 decoder with GQA."""
+        4x4 = 16 tokens per tile after the pixel shuffle) and a 6-layer decoder with GQA: Qwen2
+        (InternVL3) or, with ``decoder="qwen3"``, Qwen3 with per-head q/k norms (InternVL3.5)."""
         from transformers import InternVLConfig
 
+        extra = {"head_dim": hidden_size // num_attention_heads} if decoder == "qwen3" else {}
         text_config = dict(
-            model_type="qwen2", vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            model_type=decoder, **extra, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
             num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads, max_position_embeddings=4096, rms_norm_eps=1e-6,
             # Larger than the real 0.02 so a random tiny model has peaked, tie-free logits.

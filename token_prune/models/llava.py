@@ -222,34 +222,49 @@ class LlavaAdapter(ModelAdapter):
         for v in sorted(set(layers) - {0}):
             hooks.append(forward_hook(clip[v - 1], output_hook(v)))
 
-        sig = inspect.signature(self.outer.get_image_features)
+        sigs = {name: inspect.signature(getattr(self.outer, name)) for name in self.vision_entry_points()}
         adapter = self
 
-        def get_image_features(orig, outer, *args, **kwargs):
-            bound = sig.bind_partial(*args, **kwargs)
-            call_args = dict(bound.arguments)
-            call_args.update(call_args.pop("kwargs", {}) or {})
-            strategy = call_args.get("vision_feature_select_strategy")
-            if strategy is not None and strategy != adapter.feature_strategy:
-                raise NotImplementedError(f"token_prune: vision_feature_select_strategy={strategy!r} is not supported "
-                                          f"(only {adapter.feature_strategy!r})")
-            captured.clear()
-            tiles[0] = None
-            active[0] = True
-            try:
-                out = orig(*args, **kwargs)
-            finally:
-                active[0] = False
-            if tiles[0] is not None and all(v in captured for v in layers):
-                feats = [adapter.arrange(captured[v], call_args) for v in layers]
-                runtime.add_vision_capture(*adapter.vision_record(feats, tiles[0], call_args))
-            captured.clear()
-            return out
+        def capture_during(name, record):
+            sig = sigs[name]
 
-        # The features are read where the model asks for them: generate encodes the images
-        # before its first forward, outside any forward of the language model.
-        runtime.wrap_method(self.outer, "get_image_features", get_image_features)
+            def wrapper(orig, outer, *args, **kwargs):
+                bound = sig.bind_partial(*args, **kwargs)
+                call_args = dict(bound.arguments)
+                call_args.update(call_args.pop("kwargs", {}) or {})
+                strategy = call_args.get("vision_feature_select_strategy")
+                if strategy is not None and strategy != adapter.feature_strategy:
+                    raise NotImplementedError(f"token_prune: vision_feature_select_strategy={strategy!r} is not "
+                                              f"supported (only {adapter.feature_strategy!r})")
+                captured.clear()
+                tiles[0] = None
+                active[0] = True
+                try:
+                    out = orig(*args, **kwargs)
+                finally:
+                    active[0] = False
+                if tiles[0] is not None and all(v in captured for v in layers):
+                    runtime.add_vision_capture(*record([captured[v] for v in layers], tiles[0], call_args))
+                captured.clear()
+                return out
+            return wrapper
+
+        # The features are read where the model asks for them: generate encodes the images (and
+        # videos) before its first forward, outside any forward of the language model.
+        for name, record in self.vision_entry_points().items():
+            runtime.wrap_method(self.outer, name, capture_during(name, record))
         return hooks
+
+    def vision_entry_points(self) -> dict:
+        """The outer model's encoder methods whose tower passes are recorded, each with the
+        function ``(hidden states per vision layer, tiles, call arguments) -> add_vision_capture
+        arguments`` that turns a pass into features and a layout."""
+        return {"get_image_features": self.image_record}
+
+    def image_record(self, hidden: list[torch.Tensor], n_tiles: int, call_args: dict) -> tuple:
+        """An image pass: tower hidden states [tiles, tokens, C] per vision layer -> (features
+        [N, C] per layer in prompt order, layout)."""
+        return self.vision_record([self.arrange(h, call_args) for h in hidden], n_tiles, call_args)
 
     # -- the family without a model ---------------------------------------------------------
     @classmethod

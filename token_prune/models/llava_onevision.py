@@ -65,6 +65,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     glimpse_layers: dict[int, int] = {}
     glimpse_score = "logits"
     feature_strategy = "full"  # SigLIP has no CLS token
+    supports_video = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -140,6 +141,85 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             pos += [base, grid]
             lengths.append(side * side + grid.shape[0])
         return torch.cat(pos).long(), lengths
+
+    # -- video ------------------------------------------------------------------------------
+    def vision_entry_points(self):
+        return {"get_image_features": self.image_record, "get_video_features": self.video_record}
+
+    @staticmethod
+    def pooled_side(config) -> int:
+        """Tokens per side of a video frame: the tile's token grid halved (rounded up) by the model's
+        bilinear pooling."""
+        vc = config.vision_config
+        return math.ceil(vc.image_size // vc.patch_size / 2)
+
+    def video_record(self, hidden, n_frames, call_args):
+        """A video pass: per video, its frames' features pooled as the model pools them (the same
+        bilinear ``interpolate`` to ``ceil(side / 2)`` per side), frames one after another, then a
+        zero condition for the video's closing newline; one VIP segment per frame (the newline
+        closes the last one, one past its last row's last column); one keep-rule item per video."""
+        # [videos, frames, 3, size, size]; the argument is named `pixel_values` in transformers 5.17
+        pixels = call_args.get("pixel_values_videos")
+        videos, frames = (pixels if pixels is not None else call_args["pixel_values"]).shape[:2]
+        side, p = self.tokens_per_side, self.pooled_side(self.model.config)
+        feats = []
+        for h in hidden:
+            C = h.shape[-1]
+            x = h.reshape(n_frames, side, side, C).permute(0, 3, 1, 2)
+            x = torch.nn.functional.interpolate(x, size=[p, p], mode="bilinear").permute(0, 2, 3, 1)
+            x = x.reshape(videos, frames * p * p, C)
+            feats.append(torch.cat([x, x.new_zeros(videos, 1, C)], 1).reshape(-1, C))
+        frame = torch.stack([torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)], 1)
+        last = torch.cat([frame, torch.tensor([[p - 1, p]])])
+        positions = torch.cat(([frame] * (frames - 1) + [last]) * videos).long()
+        lengths = ([p * p] * (frames - 1) + [p * p + 1]) * videos
+        return feats, (positions, lengths), [frames * p * p + 1] * videos, [frames] * videos
+
+    @classmethod
+    def video_tokens(cls, config, frames: int, height: int, width: int) -> list[int]:
+        """Visual tokens of each frame of a ``frames``-frame video (each pooled to a grid; the
+        video's one newline counted with the last frame); the frame size does not matter, the
+        processor resizes every frame to one tile."""
+        p = cls.pooled_side(config)
+        return [p * p] * (frames - 1) + [p * p + 1]
+
+    @classmethod
+    def random_video_pixels(cls, config, videos, generator, device, dtype):
+        """``pixel_values_videos`` [videos, frames, 3, size, size] for random videos of the given
+        (frames, height, width); every video of a batch has the same number of frames, as the
+        video processor samples them."""
+        frames = {f for f, _, _ in videos}
+        if len(frames) != 1:
+            raise ValueError(f"the videos of one batch need the same number of frames, got {sorted(frames)}")
+        size = config.vision_config.image_size
+        x = torch.randn(len(videos), frames.pop(), 3, size, size, generator=generator, device=generator.device)
+        return dict(pixel_values_videos=x.to(device=device, dtype=dtype))
+
+    @classmethod
+    def video_rows(cls, inputs, first, count):
+        """The video inputs of videos ``first .. first+count-1`` (prompt order) of a batch."""
+        return dict(pixel_values_videos=inputs["pixel_values_videos"][first:first + count])
+
+    @classmethod
+    def video_sizes(cls, config, inputs):
+        """Visual tokens of each video of a batch's inputs, in prompt order."""
+        x = inputs.get("pixel_values_videos")
+        return [] if x is None else [x.shape[1] * cls.pooled_side(config) ** 2 + 1] * x.shape[0]
+
+    @classmethod
+    def prompt_tokens(cls, config, parts):
+        # <bos>, the text, each image as a run of <image> tokens, each video as a run of <video> tokens.
+        bos = config.text_config.bos_token_id
+        ids = [bos if bos is not None else 1]
+        for kind, value in parts:
+            if kind == "text":
+                ids += list(value)
+            elif kind == "image":
+                ids += [config.image_token_id] * value
+            else:
+                ids += [config.video_token_id] * sum(value)
+        types = [0] * len(ids)
+        return ids, types
 
     # -- the family without a model ---------------------------------------------------------
     @classmethod
