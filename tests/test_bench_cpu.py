@@ -17,7 +17,7 @@ import torch
 from token_prune import bench, nvtx
 from token_prune import costmodel as cm
 from token_prune.bench.paired import cache_bytes
-from token_prune.bench.presets import CPU_SETTINGS, PRESETS
+from token_prune.bench.presets import PRESETS
 from token_prune.bench.stages import stage_rows
 from token_prune.bench.timing import RSSPeak, cpu_peaks
 
@@ -80,7 +80,7 @@ def test_mid_size_architectures(name):
     assert (tc.num_hidden_layers, tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads,
             tc.intermediate_size) == (24, 896, 14, 2, 4864)
     model = bench.build_model(arch, device="meta", dtype=torch.float32)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(model) == arch["params"]
     a = cm.arch_from_config(cfg)
     inner = model.model
@@ -217,11 +217,10 @@ def test_stage_timer_nesting_and_sums():
 def test_stage_timer_counts_only_its_thread():
     import threading
 
-    with nvtx.StageTimer() as t:
-        with nvtx.range("wait"):
-            th = threading.Thread(target=_busy, args=(30,))
-            th.start()
-            th.join()
+    with nvtx.StageTimer() as t, nvtx.range("wait"):
+        th = threading.Thread(target=_busy, args=(30,))
+        th.start()
+        th.join()
     assert t.totals["wait"]["cpu_ms"] < 15 <= t.totals["wait"]["wall_ms"]
 
 

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-__all__ = ["range", "push", "pop", "enabled", "set_enabled", "StageTimer"]
+__all__ = ["StageTimer", "enabled", "pop", "push", "range", "set_enabled"]
 
 _ENABLED: bool | None = None  # resolved lazily: torch.cuda.is_available() may initialise CUDA
 
@@ -74,7 +74,7 @@ class _Range:
         return False
 
 
-_TIMER: "StageTimer | None" = None  # the active stage timer (at most one; the benchmark's)
+_TIMER: StageTimer | None = None  # the active stage timer (at most one; the benchmark's)
 
 
 class StageTimer:
@@ -112,7 +112,7 @@ class StageTimer:
     def exclusive(totals: dict[str, dict]) -> dict[str, float]:
         """CPU ms of each range minus the CPU ms of the ranges entered inside it."""
         own = {k: v["cpu_ms"] for k, v in totals.items()}
-        for k, v in totals.items():
+        for v in totals.values():
             if v["parent"] in own:
                 own[v["parent"]] -= v["cpu_ms"]
         return own
@@ -132,7 +132,7 @@ class StageTimer:
 
 
 class _TimedRange:
-    __slots__ = ("name", "timer", "nvtx", "t0", "w0", "parent")
+    __slots__ = ("name", "nvtx", "parent", "t0", "timer", "w0")
 
     def __init__(self, name: str, timer: StageTimer):
         self.name, self.timer = name, timer
@@ -161,7 +161,7 @@ class _TimedRange:
         return False
 
 
-def range(name: str):  # noqa: A001 - mirrors torch.cuda.nvtx.range
+def range(name: str):
     """Context manager: an NVTX range called ``name`` when enabled (and a stage of the active
     :class:`StageTimer`, if any), else a no-op."""
     if _TIMER is not None:

@@ -153,7 +153,7 @@ def measure_interleaved(bench, settings: list[Setting], log=print, on_round=None
 def _row(bench, setting: Setting, runs: list[dict], base: list[dict]) -> dict:
     o = bench.o
     batch = o["batch"]
-    col = lambda rs, k: [r[k] for r in rs]  # noqa: E731
+    col = lambda rs, k: [r[k] for r in rs]
     stats = runs[-1]["stats"]
     visual = bench.layout["visual"]
     if stats:
