@@ -27,7 +27,7 @@ Counting conventions
   the VIP, compaction of the hidden states and of the caches of layers ``0..K``, layers
   ``K+1..L-1`` on ``T + k`` tokens; every layer's cache then holds ``T + k`` tokens.
   ``fastv``: layers ``0..K`` on ``T + N``, the last-token score, layers after K on ``T + k``;
-  caches: ``T + N`` up to K, ``T + k`` after. ``alvts``: every layer from ``start_layer`` on
+  caches: ``T + N`` up to K, ``T + k`` after. ``random``: FastV's shape without the score. ``alvts``: every layer from ``start_layer`` on
   processes ``T + k`` tokens and first runs the selector on all ``T + N`` (projections to the
   rank space, then the fused two-pass score; :func:`selector_layer_cost` per form) plus a gather
   and a scatter of the hidden states. With ``skipped="drop"`` such a layer attends over and caches only the ``T + k``; with
@@ -503,7 +503,7 @@ def lm_prefill_cost(
 
     Args:
         text, visual: tokens per sample; ``kept``: visual tokens kept (default ``ceil(f N)``).
-        method: ``none``, ``glimpse``, ``fastv`` or ``alvts``.
+        method: ``none``, ``glimpse``, ``fastv``, ``random`` or ``alvts``.
         skipped: ALVTS only, ``"context"`` or ``"drop"`` (see :mod:`token_prune.methods.alvts`).
         selector_form, alvts_rank: ALVTS only, the selector (default: ``arch``'s form and that
             form's default rank; :func:`selector_layer_cost`).
@@ -516,7 +516,7 @@ def lm_prefill_cost(
     kvb = lm.kv_bytes_per_token(b)
     if method == "none":
         return {"layers": stack_cost(lm, range(L), n, _causal_pairs(n), batch, b)}
-    if method in ("glimpse", "fastv"):
+    if method in ("glimpse", "fastv", "random"):
         if K is None:
             raise ValueError(f"{method}: K is needed")
         g = 1 if method == "glimpse" else 0
@@ -524,12 +524,14 @@ def lm_prefill_cost(
         stages = {"layers_0_K": stack_cost(lm, range(K + 1), full, _causal_pairs(full), batch, b)}
         if method == "glimpse":
             stages["vip"] = _vip_cost(arch, visual, K, batch)
-        else:
+        elif method == "fastv":
             stages["score"] = Cost(
                 attn_flops=batch * 2.0 * lm.heads * lm.head_dim * n + 2.0 * batch * lm.hidden * lm.q_width,
                 other_flops=batch * 5.0 * lm.heads * n,
                 bytes=batch * n * kvb / 2,
             )
+        else:  # random: one random number per visual token
+            stages["score"] = Cost(other_flops=batch * visual, bytes=batch * visual * 4)
         # Gather of the hidden states (+ the caches of layers 0..K for glimpse): read all, write kept.
         cache_layers = sum(1 for i in range(K + 1) if i not in lm.linear) if method == "glimpse" else 0
         stages["compact"] = Cost(bytes=batch * ((full + m) * lm.hidden * b + cache_layers * (full + m) * kvb))
@@ -595,7 +597,7 @@ def _kv_lens(arch, text, visual, method, *, keep_ratio, K, start_layer, kept, sk
         return [n] * L
     if method == "glimpse":
         return [m] * L
-    if method == "fastv":
+    if method in ("fastv", "random"):
         return [n] * (K + 1) + [m] * (L - K - 1) if K + 1 < L else [n] * L
     if method == "alvts":
         return [n] * L if skipped == "context" else [n] * start_layer + [m] * (L - start_layer)
@@ -646,12 +648,14 @@ def estimate(
     skipped: str = "context",
     selector_form: str | None = None,
     alvts_rank: int | None = None,
+    peak: dict | None = None,
 ) -> dict:
     """Every number the benchmark prints for one setting (JSON-ready).
 
     Returns stage costs of the vision tower, the LM prefill and one decode step (taken at the
     middle of a ``decode_tokens`` decode), their totals, the KV cache, the floor, and roofline
-    times when ``gpu`` names a known device.
+    times when ``gpu`` names a known device or ``peak`` gives a machine's ``{"name", "flops",
+    "bandwidth"}`` (e.g. a CPU's, measured by the benchmark).
     """
     T, N = layout["text"], layout["visual"]
     vis = vision_cost(arch, image_hw, batch, tiles=layout.get("tiles"), frame_groups=layout.get("frame_groups", 1))
@@ -697,7 +701,8 @@ def estimate(
         "weights_bytes": (arch.lm.params() + arch.vision.params()) * arch.dtype_bytes,
         "floor": prefill_floor(arch.lm.layers, K, keep_ratio, method, start_layer),
     }
-    peak = gpu_peak(gpu) if gpu else None
+    if peak is None:
+        peak = gpu_peak(gpu) if gpu else None
     if peak is not None:
         out["roofline_ms"] = {
             "vision": roofline_ms(vis.values(), peak),

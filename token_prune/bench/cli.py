@@ -17,6 +17,7 @@ from ..provenance import environment
 from .archs import build_model, hf_config, list_archs, load_arch
 from .report import _fmt, _params, with_ratios, write_reports
 from .runner import Bench
+from .presets import PRESETS
 from .settings import AgreementError, BenchError, SCHEMA, Setting, expand_settings
 
 
@@ -50,6 +51,11 @@ DEFAULTS = dict(
     alvts_selector="random",
     video_frames=None,
     out_dir=os.path.join("bench", "results"),
+    device=None,
+    threads=None,
+    interleave=False,
+    skip_check=False,
+    cpu_clock="thread",
 )
 
 TINY_DEFAULTS = dict(
@@ -67,71 +73,6 @@ TINY_DEFAULTS = dict(
     check_tokens=6,
     check_batch=2,
 )
-
-PRESETS = {
-    # Qwen2.5-VL-7B, one 1792x1792 image (64x64 = 4096 merged visual tokens): every method at the
-    # keep fractions the papers report, and the decode batch sweep.
-    "qwen2_5_vl_7b_4k": dict(
-        model="qwen2_5_vl_7b",
-        image=(1792, 1792),
-        dtype="bfloat16",
-        attn="sdpa",
-        settings=["none", "glimpse:layer=18", "glimpse:layer=2,keep_ratio=0.074", "fastv:layer=2", "alvts",
-                  "alvts:keep_ratio=0.11,skipped=drop"],
-        keep_ratios={
-            "glimpse": [0.074, 0.25, 0.5, 1.0],
-            "fastv": [0.074, 0.25, 0.5, 1.0],
-            "alvts": [0.11, 0.25, 0.5, 1.0],
-        },
-        batch=1,
-        decode_tokens=32,
-        warmup=2,
-        repeats=5,
-        decode_warmup=1,
-        decode_repeats=3,
-        sweep=True,
-        sweep_batches=[1, 2, 4, 8, 16, 32, 64],
-        sweep_max_batch=64,
-        sweep_settings=[
-            "none",
-            "glimpse:layer=18,keep_ratio=0.074",
-            "fastv:layer=2,keep_ratio=0.074",
-            # decode on the "context" reading's full caches is the unpatched model's; "drop" prunes them
-            "alvts:keep_ratio=0.11,skipped=drop",
-        ],
-        sweep_decode_tokens=16,
-        sweep_warm_steps=4,
-        mem_cap_gb=70.0,
-        check_tokens=8,
-        check_batch=1,
-    ),
-    # Qwen2.5-VL-7B, one video of 32 frames at 448x448 (16 temporal groups of 16x16 = 4096 merged
-    # visual tokens): every method, the keep ratio applied per video.
-    "qwen2_5_vl_7b_video": dict(
-        model="qwen2_5_vl_7b",
-        image=(448, 448),
-        video_frames=32,
-        dtype="bfloat16",
-        attn="sdpa",
-        settings=["none", "glimpse:layer=18", "glimpse:layer=2,keep_ratio=0.074", "fastv:layer=2", "alvts",
-                  "alvts:keep_ratio=0.11,skipped=drop"],
-        keep_ratios={
-            "glimpse": [0.074, 0.25, 0.5, 1.0],
-            "fastv": [0.074, 0.25, 0.5, 1.0],
-            "alvts": [0.11, 0.25, 0.5, 1.0],
-        },
-        batch=1,
-        decode_tokens=32,
-        warmup=2,
-        repeats=5,
-        decode_warmup=1,
-        decode_repeats=3,
-        sweep=False,
-        check_tokens=8,
-        check_batch=1,
-    ),
-}
-
 
 def _csv(conv):
     def parse(text):
@@ -156,15 +97,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     Options left unset take the preset's value, then the defaults (``--tiny`` has its own)."""
     g = p.add_argument_group("what to run")
     g.add_argument(
-        "--preset", choices=sorted(PRESETS), help="a named configuration (qwen2_5_vl_7b_4k: Qwen2.5-VL-7B with 4096 visual tokens, every method; "
-        "qwen2_5_vl_7b_video: the same model on a 32-frame 448x448 video, 4096 visual tokens)"
+        "--preset", choices=sorted(PRESETS), help="a named configuration (qwen2_5_vl_7b_4k: Qwen2.5-VL-7B with 4096 "
+        "visual tokens, every method, GPU; qwen2_5_vl_7b_video: the same model on a 32-frame 448x448 video; "
+        "<arch>_cpu[_batch4|_bf16]: the mid-size CPU architectures on one pinned thread, see token_prune/bench/presets.py)"
     )
     g.add_argument(
         "--model",
         help=f"architecture config: one of {', '.join(list_archs())}, or a JSON path (default {DEFAULTS['model']})",
     )
     g.add_argument("--tiny", action="store_true", help="use the tiny random models of token_prune.tiny (CPU, seconds)")
-    g.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
+    g.add_argument("--device", help="cuda, cpu or auto (default: the preset's, else cuda when available)")
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     g.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"])
     g.add_argument(
@@ -204,6 +146,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--repeats", type=int, help="timed prefill runs (median reported)")
     t.add_argument("--decode-warmup", type=int)
     t.add_argument("--decode-repeats", type=int, help="timed generate runs (median reported); 0 skips decode timing")
+    t.add_argument("--interleave", action="store_true", default=None,
+                   help="every setting once per repeat (A B C A B C ...), one generate per run, ratios paired "
+                   "within a repeat, CPU stage breakdown (the CPU presets' mode)")
+    t.add_argument("--no-interleave", action="store_false", dest="interleave")
+    t.add_argument("--cpu-clock", choices=["thread", "wall"],
+                   help="CPU timer: this thread's CPU time (default; needs --threads 1) or wall time")
     s = p.add_argument_group("decode batch sweep")
     s.add_argument("--sweep", action="store_true", default=None, help="run the decode batch sweep")
     s.add_argument("--no-sweep", action="store_false", dest="sweep")
@@ -250,7 +198,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="re-render Markdown + PNG from result JSON files (several: merged) and exit",
     )
-    o.add_argument("--threads", type=int, help="torch CPU threads (--tiny default: 1)")
+    o.add_argument("--threads", type=int, help="torch CPU threads (--tiny and the CPU presets: 1)")
     o.add_argument("--quiet", action="store_true")
 
 
@@ -280,9 +228,9 @@ def resolve_options(args) -> dict:
                 "check_batch",
             ):
                 preset.pop(key, None)
-            preset["settings"] = [s.replace("layer=18", "layer=4") for s in preset["settings"]]
-            if preset.get("sweep_settings"):
-                preset["sweep_settings"] = [s.replace("layer=18", "layer=4") for s in preset["sweep_settings"]]
+            for key in ("settings", "sweep_settings"):
+                if preset.get(key):
+                    preset[key] = [s.replace("layer=18", "layer=4") for s in preset[key]]
         o.update(preset)
     cli = {
         "model": args.model,
@@ -313,7 +261,13 @@ def resolve_options(args) -> dict:
         "check_batch": args.check_batch,
         "check_rtol": args.check_rtol,
         "out_dir": args.out_dir,
+        "device": args.device,
+        "threads": args.threads,
+        "interleave": args.interleave,
+        "cpu_clock": args.cpu_clock,
     }
+    if args.skip_check:
+        o["skip_check"] = True
     o.update({k: v for k, v in cli.items() if v is not None})
     if args.sweep_batches is not None and args.sweep is None:
         o["sweep"] = True
@@ -326,7 +280,8 @@ def resolve_options(args) -> dict:
     o["phases"] = [
         p
         for p in ("check", "latency", "sweep")
-        if p in phases and not (p == "check" and args.skip_check) and not (p == "sweep" and not o["sweep"])
+        if p in phases and not (p == "check" and o["skip_check"] and "check" not in (args.only or []))
+        and not (p == "sweep" and not o["sweep"])
     ]
     o["tiny"] = bool(args.tiny)
     o["no_baseline"] = bool(getattr(args, "no_baseline", False))
@@ -380,7 +335,7 @@ def run(args) -> int:
     if args.cost_only:
         return _cost_only(o, arch, config, log)
 
-    dev_name = args.device
+    dev_name = o.get("device") or "auto"
     if dev_name == "auto":
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
         if dev_name == "cpu" and not o["tiny"]:
@@ -391,8 +346,8 @@ def run(args) -> int:
     device = torch.device(dev_name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if o.get("threads"):
+        torch.set_num_threads(o["threads"])
     elif o["tiny"] and device.type == "cpu":
         torch.set_num_threads(1)  # tiny models gain nothing from intra-op threads
     if device.type == "cuda" and o.get("mem_cap_gb"):
@@ -452,7 +407,16 @@ def run(args) -> int:
         "sweep": [],
         "largest_batch": {},
         "notes": [],
+        "clock": bench.clock.name,
+        "threads": torch.get_num_threads(),
+        "machine_peak": bench.machine_peak,
     }
+    if device.type == "cpu":
+        results["notes"].append(
+            f"CPU run: {torch.get_num_threads()} torch thread(s), times are {bench.clock.name} "
+            "(wall time recorded beside it); other processes shared the machine"
+            + (", settings interleaved within each repeat and ratios paired per repeat" if o["interleave"] else "")
+        )
     if o["tiny"]:
         results["notes"].append(
             "tiny model on the CPU: checks that the tool works end to end; the numbers mean nothing"
@@ -491,10 +455,22 @@ def run(args) -> int:
                 f"latency (batch {o['batch']}, {o['warmup']} warm-up + {o['repeats']} runs, "
                 f"{o['decode_tokens']} decode steps):"
             )
-            for s in settings:
-                r = bench.measure(s)
-                results["latency"].append(r)
+            if o["interleave"]:
+                from .paired import measure_interleaved
+
+                def partial(rows):
+                    results["latency"] = rows
+                    save()
+
+                results["latency"] = measure_interleaved(bench, settings, log, on_round=partial)
                 with_ratios(results)
+            for s in settings:
+                if o["interleave"]:
+                    r = next(x for x in results["latency"] if x["setting"] == s.label)
+                else:
+                    r = bench.measure(s)
+                    results["latency"].append(r)
+                    with_ratios(results)
                 q = r.get("ratios", {})
                 log(
                     f"  {s.label:<28} LM {_fmt(r['lm_prefill_ms'], '9.2f')} ms (x{_fmt(q.get('lm_prefill'), '.3f')}, "

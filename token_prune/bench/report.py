@@ -43,18 +43,35 @@ def with_ratios(results: dict) -> dict:
     for r in rows:
         est, best = r.get("cost"), base.get("cost")
         model = cm.ratios(est, best) if est and best else {}
+        roof, broof = (est or {}).get("roofline_ms") or {}, (best or {}).get("roofline_ms") or {}
+        paired = r.get("paired_ratios")  # interleaved runs: the median of per-repeat ratios
+
+        def measured(key, ms_key):
+            if paired is not None:
+                return _median_of(paired.get(key))
+            return _ratio(r.get(ms_key), base.get(ms_key))
+
         r["ratios"] = {
-            "lm_prefill": _ratio(r.get("lm_prefill_ms"), base.get("lm_prefill_ms")),
-            "ttft": _ratio(r.get("ttft_ms"), base.get("ttft_ms")),
-            "decode_step": _ratio(r.get("decode_step_ms"), base.get("decode_step_ms")),
+            "lm_prefill": measured("lm_prefill", "lm_prefill_ms"),
+            "ttft": measured("ttft", "ttft_ms"),
+            "decode_step": measured("decode_step", "decode_step_ms"),
             "peak_memory": _ratio((r.get("memory") or {}).get("peak_gb"), (base.get("memory") or {}).get("peak_gb")),
+            "rss_above_start": _median_of((paired or {}).get("rss_above_start")),
             "model_lm_prefill_flops": model.get("lm_prefill_flops"),
             "model_ttft_flops": model.get("ttft_flops"),
             "model_decode_step_bytes": model.get("decode_step_bytes"),
             "model_kv_cache_bytes": model.get("kv_cache_bytes"),
+            "model_lm_prefill_roofline": _ratio(roof.get("lm_prefill"), broof.get("lm_prefill")),
+            "model_ttft_roofline": _ratio(_add(roof.get("vision"), roof.get("lm_prefill")),
+                                          _add(broof.get("vision"), broof.get("lm_prefill"))),
+            "model_decode_step_roofline": _ratio(roof.get("decode_step"), broof.get("decode_step")),
             "floor": model.get("floor"),
         }
     return results
+
+
+def _add(a, b):
+    return None if a is None or b is None else a + b
 
 
 def markdown(results: dict) -> str:
@@ -148,6 +165,10 @@ def markdown(results: dict) -> str:
                 f"{_fmt(roof.get('lm_prefill'), '.2f')} | {_fmt(roof.get('decode_step'), '.3f')} |"
             )
         L.append("")
+    if any(r.get("paired_ratios") for r in rows):
+        from .stages import markdown_measured
+
+        L.extend(markdown_measured(results))
     sweep = results.get("sweep") or []
     if sweep:
         L.append("## Decode batch sweep")
@@ -206,6 +227,12 @@ def plot(results: dict, path: str) -> str | None:
     for r in rows:
         if r["method"] != "none":
             series.setdefault(r["series"], []).append(r)
+    if base is not None and any(r.get("paired_ratios") for r in rows):
+        from .stages import plot_ratios
+
+        plot_ratios(fig, axes, series, rows)
+        _finish(fig, results, path)
+        return None
     panels = [
         (axes[0][0], "LM prefill (ms)", lambda r: _median_of(r.get("lm_prefill_ms")), True),
         (axes[0][1], "time to first token (ms)", lambda r: _median_of(r.get("ttft_ms")), False),
@@ -261,15 +288,22 @@ def plot(results: dict, path: str) -> str | None:
     ax.set_xlabel("batch")
     ax.set_title("decode throughput (tokens/s)")
     ax.grid(alpha=0.3)
+    _finish(fig, results, path)
+    return None
+
+
+def _finish(fig, results: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
     env, st = results["env"], results["settings"]
     fig.suptitle(
-        f"{(results.get('model') or {}).get('title', st.get('model'))} on {env.get('gpu')}, batch {st.get('batch')}",
+        f"{(results.get('model') or {}).get('title', st.get('model'))} on {env.get('gpu')}, batch {st.get('batch')}"
+        f", {st.get('dtype')}",
         fontsize=11,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return None
 
 
 def _params(n) -> str:

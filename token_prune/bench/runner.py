@@ -34,7 +34,9 @@ class Bench:
         self.device = p.device
         self.dtype = p.dtype
         self.cuda = self.device.type == "cuda"
-        self.clock = Clock(self.device)
+        # Thread CPU time is the run's time only while torch computes on the calling thread alone.
+        self.clock = Clock(self.device, thread=opts.get("cpu_clock", "thread") == "thread"
+                           and torch.get_num_threads() == 1)
         self.flush = L2Flush(self.device)
         self.hooks = StageHooks(model, self.clock)
         self.adapter = adapter_for(model)
@@ -47,6 +49,12 @@ class Bench:
         self._inputs: dict = {}
         self._selectors: dict = {}
         self.gpu = torch.cuda.get_device_name(self.device) if self.cuda else None
+        self.machine_peak = None  # CPU: measured FLOP/s and bandwidth for the cost model's roofline
+        if not self.cuda and opts.get("cpu_roofline", True):
+            from .timing import cpu_peaks
+
+            lm = self.cost_arch.lm
+            self.machine_peak = cpu_peaks(self.dtype, self.layout["prompt"], lm.hidden, lm.intermediate)
 
     # -- helpers -----------------------------------------------------------------------
     def inputs(self, batch: int, cache: bool = True) -> dict:
@@ -132,6 +140,7 @@ class Bench:
             decode_tokens=decode_tokens or self.o["decode_tokens"],
             kept=kept,
             gpu=self.gpu,
+            peak=self.machine_peak,
         )
 
     # -- runs ----------------------------------------------------------------------------

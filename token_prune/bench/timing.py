@@ -3,6 +3,7 @@ agreement check of a patched generation against the unpatched one."""
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import time
@@ -18,24 +19,36 @@ from .. import nvtx
 
 
 class Clock:
-    """CUDA events on a GPU (stream-ordered, no host sync when marking), ``perf_counter`` on the CPU."""
+    """CUDA events on a GPU (stream-ordered, no host sync when marking). On the CPU a mark is
+    ``(thread_time_ns, perf_counter_ns)``: :meth:`ms` is the calling thread's CPU time, which
+    other processes on a shared machine do not inflate (valid when torch computes on this thread
+    alone: ``torch.set_num_threads(1)``; ``thread=False`` makes :meth:`ms` wall time), and
+    :meth:`wall_ms` the wall time beside it."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, thread: bool = True):
         self.cuda = device.type == "cuda"
+        self.thread = thread and not self.cuda
+        self.name = "CUDA events" if self.cuda else ("thread CPU time" if self.thread else "wall time")
 
     def mark(self):
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        return time.perf_counter()
+        return (time.thread_time_ns(), time.perf_counter_ns())
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
 
     def ms(self, a, b) -> float:
-        return float(a.elapsed_time(b)) if self.cuda else (b - a) * 1e3
+        if self.cuda:
+            return float(a.elapsed_time(b))
+        i = 0 if self.thread else 1
+        return (b[i] - a[i]) / 1e6
+
+    def wall_ms(self, a, b) -> float:
+        return float(a.elapsed_time(b)) if self.cuda else (b[1] - a[1]) / 1e6
 
 
 class L2Flush:
@@ -112,11 +125,11 @@ class StageHooks:
         done = [(a, b) for a, b in self.vision if b is not None]
         return sum(self.clock.ms(a, b) for a, b in done) if done else None
 
-    def prefill_ms(self) -> float | None:
+    def prefill_ms(self, wall: bool = False) -> float | None:
         """The first language-model call with more than one token (the prefill)."""
         for q, a, b in self.lm_calls:
             if q > 1 and b is not None:
-                return self.clock.ms(a, b)
+                return self.clock.wall_ms(a, b) if wall else self.clock.ms(a, b)
         return None
 
     def remove(self) -> None:
@@ -132,14 +145,17 @@ def _step_marker_class():
         """Timestamps every generation step (called once per step, after its forward) and keeps
         an NVTX range open over each step: ``bench.prefill`` then ``bench.decode_step``."""
 
-        def __init__(self, clock: Clock, steps: int):
+        def __init__(self, clock: Clock, steps: int, on_first=None):
             self.clock = clock
             self.steps = steps
             self.marks: list = []
+            self.on_first = on_first  # called once, right after the prefill step
             self.opened = nvtx.push("bench.prefill")
 
         def __call__(self, input_ids, scores):
             self.marks.append(self.clock.mark())
+            if len(self.marks) == 1 and self.on_first is not None:
+                self.on_first()
             nvtx.pop(self.opened)
             self.opened = nvtx.push("bench.decode_step") if len(self.marks) < self.steps else False
             return scores
@@ -163,15 +179,98 @@ def _median(xs):
 
 
 def _summary(xs) -> dict | None:
+    """Median, min, max and the relative spread ``(max - min) / median`` of the runs."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return None
+    med = float(statistics.median(xs))
     return {
-        "median": float(statistics.median(xs)),
+        "median": med,
         "min": float(min(xs)),
         "max": float(max(xs)),
+        "spread": (max(xs) - min(xs)) / med if med else None,
         "runs": [round(float(x), 4) for x in xs],
     }
+
+
+# ======================================================================================
+# CPU memory and machine peaks
+# ======================================================================================
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class RSSPeak:
+    """Peak resident memory of this process (Linux ``VmHWM``) over a stretch of code.
+
+    :meth:`reset` returns freed heap pages to the system (``malloc_trim``) and resets the
+    high-water mark (``/proc/self/clear_refs``), so a setting's peak is not a previous
+    setting's. ``available`` is False where either is missing (then every value is None)."""
+
+    def __init__(self):
+        self.available = _status_kib("VmHWM") is not None and os.access("/proc/self/clear_refs", os.W_OK)
+        self._trim = None
+        try:
+            import ctypes
+
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            pass
+
+    def reset(self) -> int | None:
+        """Reset the peak; returns the resident bytes now."""
+        if not self.available:
+            return None
+        if self._trim is not None:
+            self._trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return self.rss()
+
+    def rss(self) -> int | None:
+        kib = _status_kib("VmRSS")
+        return None if kib is None else kib * 1024
+
+    def peak(self) -> int | None:
+        kib = _status_kib("VmHWM") if self.available else None
+        return None if kib is None else kib * 1024
+
+
+def cpu_peaks(dtype: torch.dtype, rows: int, width: int, inner: int, repeats: int = 3) -> dict:
+    """What this CPU sustains on the calling thread, for a roofline: FLOP/s of ``F.linear`` at a
+    decoder MLP's shape (``[rows, width] x [inner, width]^T`` in ``dtype``) and the bandwidth of
+    copying a 256 MiB buffer (bytes read + written per second). Best of ``repeats`` (thread CPU
+    time). Returns ``{"name", "flops", "bandwidth"}`` as :func:`token_prune.costmodel.roofline_ms`
+    takes it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=g).to(dtype)
+    w = torch.randn(inner, width, generator=g).to(dtype)
+    torch.nn.functional.linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time_ns()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.thread_time_ns() - t)
+    flops = 2.0 * rows * width * inner / (best / 1e9)
+    src = torch.ones(64 << 20, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time_ns()
+        dst.copy_(src)
+        best = min(best, time.thread_time_ns() - t)
+    bw = 2.0 * src.numel() * 4 / (best / 1e9)
+    return {"name": f"cpu ({dtype}, measured)", "flops": flops, "bandwidth": bw}
 
 
 # ======================================================================================
