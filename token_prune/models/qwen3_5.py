@@ -115,18 +115,6 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
                     num_position_embeddings=64, initializer_range=0.2)
 
     @classmethod
-    def cost_vision_spec(cls, config):
-        from ..costmodel import VisionSpec
-
-        vc = config.vision_config
-        # Qwen3-VL's tower without deepstack: full attention in every block, a learned position grid.
-        return VisionSpec(kind="qwen_vit", depth=vc.depth, width=vc.hidden_size, heads=vc.num_heads,
-                          intermediate=vc.intermediate_size, patch=vc.patch_size, in_channels=vc.in_channels,
-                          out=vc.out_hidden_size, temporal_patch=vc.temporal_patch_size,
-                          merge=vc.spatial_merge_size, window=1 << 20, fullatt=tuple(range(vc.depth)), mlp="gelu",
-                          norm="layer", patch_bias=True, pos_embed=vc.num_position_embeddings)
-
-    @classmethod
     def qkv_bias(cls, config):
         return bool(getattr(config.text_config, "attention_bias", False))
 

@@ -87,13 +87,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
         vc = config.vision_config
         # Full attention in every block (a window as large as any image), a learned position grid,
-        # and one more 2x2 merger per deepstack block.
+        # and one more 2x2 merger per deepstack block (towers without deepstack, as Qwen3.5's, have
+        # no deepstack_visual_indexes).
         return VisionSpec(kind="qwen_vit", depth=vc.depth, width=vc.hidden_size, heads=vc.num_heads,
                           intermediate=vc.intermediate_size, patch=vc.patch_size, in_channels=vc.in_channels,
                           out=vc.out_hidden_size, temporal_patch=vc.temporal_patch_size,
                           merge=vc.spatial_merge_size, window=1 << 20, fullatt=tuple(range(vc.depth)), mlp="gelu",
                           norm="layer", patch_bias=True, pos_embed=vc.num_position_embeddings,
-                          deepstack_mergers=len(vc.deepstack_visual_indexes))
+                          deepstack_mergers=len(getattr(vc, "deepstack_visual_indexes", ())))
 
     @classmethod
     def qkv_bias(cls, config):
