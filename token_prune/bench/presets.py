@@ -60,14 +60,10 @@ def _cpu_presets(model: str) -> dict:
     }
 
 
-PRESETS = {
-    # Qwen2.5-VL-7B, one 1792x1792 image (64x64 = 4096 merged visual tokens): every method at the
-    # keep fractions the papers report, and the decode batch sweep.
-    "qwen2_5_vl_7b_4k": dict(
-        model="qwen2_5_vl_7b",
-        image=(1792, 1792),
-        dtype="bfloat16",
-        attn="sdpa",
+def _qwen_7b_methods() -> dict:
+    """Every method of the Qwen2.5-VL-7B presets at the keep fractions the papers report (fresh
+    lists for each preset, so that a run editing its settings leaves the other preset alone)."""
+    return dict(
         settings=["none", "glimpse:layer=18", "glimpse:layer=2,keep_ratio=0.074", "fastv:layer=2", "alvts",
                   "alvts:keep_ratio=0.11,skipped=drop"],
         keep_ratios={
@@ -81,6 +77,18 @@ PRESETS = {
         repeats=5,
         decode_warmup=1,
         decode_repeats=3,
+    )
+
+
+PRESETS = {
+    # Qwen2.5-VL-7B, one 1792x1792 image (64x64 = 4096 merged visual tokens): every method at the
+    # keep fractions the papers report, and the decode batch sweep.
+    "qwen2_5_vl_7b_4k": dict(
+        model="qwen2_5_vl_7b",
+        image=(1792, 1792),
+        dtype="bfloat16",
+        attn="sdpa",
+        **_qwen_7b_methods(),
         sweep=True,
         sweep_batches=[1, 2, 4, 8, 16, 32, 64],
         sweep_max_batch=64,
@@ -105,19 +113,7 @@ PRESETS = {
         video_frames=32,
         dtype="bfloat16",
         attn="sdpa",
-        settings=["none", "glimpse:layer=18", "glimpse:layer=2,keep_ratio=0.074", "fastv:layer=2", "alvts",
-                  "alvts:keep_ratio=0.11,skipped=drop"],
-        keep_ratios={
-            "glimpse": [0.074, 0.25, 0.5, 1.0],
-            "fastv": [0.074, 0.25, 0.5, 1.0],
-            "alvts": [0.11, 0.25, 0.5, 1.0],
-        },
-        batch=1,
-        decode_tokens=32,
-        warmup=2,
-        repeats=5,
-        decode_warmup=1,
-        decode_repeats=3,
+        **_qwen_7b_methods(),
         sweep=False,
         check_tokens=8,
         check_batch=1,
