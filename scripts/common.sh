@@ -37,7 +37,7 @@ transformers_requirement() {
 ensure_torch() {
   if ! "$PYTHON" -c 'import torch' > /dev/null 2>&1; then
     echo "$(basename "$0"): torch is missing; installing torch==2.13.0 (CPU build)"
-    "$PYTHON" -m pip install -q torch==2.13.0
+    "$PYTHON" -m pip install -q torch==2.13.0 numpy  # numpy too, or importing torch warns
   fi
   "$PYTHON" - <<'PY'
 import sys
