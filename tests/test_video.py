@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from families import FAMILIES
-from reference_model import masked_generate
+from reference_model import masked_generate, qwen_decode_position
 from test_contract import oracle_rules
 
 import token_prune as tp
@@ -22,13 +22,26 @@ from token_prune.tiny import SampleSpec, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")
 VIDEO_FAMILIES = sorted(name for name, row in FAMILIES.items() if row.video_samples is not None)
+# Families whose videos are M-RoPE temporal groups (Qwen's layout: frames of different counts in
+# one batch, the VIP's per-group grid_hw, per-sample (t, row, col) rotary tables). LLaVA-OneVision's
+# pooled frames have their own tests in tests/test_llava_onevision.py.
+MROPE_VIDEO_FAMILIES = [n for n in VIDEO_FAMILIES if FAMILIES[n].decode_position is qwen_decode_position]
 STEPS = 4
+
+
+def _build(name):
+    row = FAMILIES[name]
+    return row, row.build(torch.float64, seed=31)
 
 
 @pytest.fixture(scope="module", params=VIDEO_FAMILIES)
 def fam(request):
-    row = FAMILIES[request.param]
-    return row, row.build(torch.float64, seed=31)
+    return _build(request.param)
+
+
+@pytest.fixture(scope="module", params=MROPE_VIDEO_FAMILIES)
+def mrope_fam(request):
+    return _build(request.param)
 
 
 def test_every_family_that_takes_videos_has_video_prompts():
@@ -66,9 +79,9 @@ def test_a_video_alone_keep_all_and_pruned(fam, method):
         assert stats["videos"][0]["kept"] == want == stats["kept_tokens"]
 
 
-def test_stats_report_every_image_and_video_in_prompt_order(fam):
+def test_stats_report_every_image_and_video_in_prompt_order(mrope_fam):
     """Images and videos in any order: each item reported separately, with its own quarter."""
-    _, model = fam
+    _, model = mrope_fam
     spec = SampleSpec(images=((32, 32), (64, 64)), videos=((2, 32, 64), (4, 32, 32)),
                       order=("video", "image", "video", "image"))
     inputs = make_inputs(model, [spec], seed=1)
@@ -84,10 +97,10 @@ def test_stats_report_every_image_and_video_in_prompt_order(fam):
     assert s["kept_tokens"] == sum(i["kept"] for i in s["images"] + s["videos"])
 
 
-def test_vip_segments_are_the_temporal_groups_in_prompt_order(fam):
+def test_vip_segments_are_the_temporal_groups_in_prompt_order(mrope_fam):
     """GlimpsePrune's VIP sees one attention segment per temporal group of a video (its own 2D
     grid) and one per image, in prompt order, with the vision features lined up."""
-    _, model = fam
+    _, model = mrope_fam
     spec = SampleSpec(images=((32, 64),), videos=((4, 64, 32),), order=("video", "image"))
     inputs = make_inputs(model, [spec], seed=2)
     seen = {}
@@ -111,10 +124,10 @@ def test_keep_rule_applies_per_video_not_per_frame(fam):
         assert handle.stats[0]["videos"][0]["kept"] == 1
 
 
-def test_kept_video_tokens_keep_their_rotary_positions(fam):
+def test_kept_video_tokens_keep_their_rotary_positions(mrope_fam):
     """The rotary tables a layer after K sees for the kept tokens are those of the same tokens in
     the unpatched model: M-RoPE positions (time, row, column) are never renumbered."""
-    row, model = fam
+    row, model = mrope_fam
     inputs = row.with_videos().inputs(model, seed=4)
     lm_layers = model.model.language_model.layers
 
