@@ -171,12 +171,7 @@ def _row(bench, setting: Setting, runs: list[dict], base: list[dict]) -> dict:
     same = [r["tokens"] == b["tokens"] for r, b in zip(runs, base, strict=True)]
     decode_tok_s = [batch / (d / 1e3) if d else None for d in col(runs, "decode_step_ms")]
     return {
-        "setting": setting.label,
-        "method": setting.method,
-        "options": dict(setting.options),
-        "series": setting.family_key,
-        "keep_ratio": setting.keep_ratio,
-        "batch": batch,
+        **setting.record(batch),
         "ttft_ms": _summary(col(runs, "ttft_ms")),
         "lm_prefill_ms": _summary(col(runs, "lm_prefill_ms")),
         "vision_ms": _summary(col(runs, "vision_ms")),

@@ -235,14 +235,7 @@ class Bench:
         o = self.o
         batch = o["batch"]
         inputs = self.inputs(batch)
-        res: dict = {
-            "setting": setting.label,
-            "method": setting.method,
-            "options": dict(setting.options),
-            "series": setting.family_key,
-            "keep_ratio": setting.keep_ratio,
-            "batch": batch,
-        }
+        res: dict = setting.record(batch)
         with nvtx.range(f"bench.setting.{_nvtx_name(setting.label)}"), self.patched(setting) as handle:
             for _ in range(o["warmup"]):
                 self.hooks.begin()

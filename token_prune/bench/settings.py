@@ -50,6 +50,11 @@ class Setting:
     def to_dict(self) -> dict:
         return {"method": self.method, "options": dict(self.options), "label": self.label}
 
+    def record(self, batch: int) -> dict:
+        """The fields that open every result row of this setting (both timing modes)."""
+        return {"setting": self.label, "method": self.method, "options": dict(self.options),
+                "series": self.family_key, "keep_ratio": self.keep_ratio, "batch": batch}
+
 
 def _label(method: str, opts: dict) -> str:
     if method == "none":

@@ -55,13 +55,14 @@ class ModelAdapter:
     # -- structure -----------------------------------------------------------------------
     @property
     def outer(self) -> torch.nn.Module:
-        """The module whose forward sees ``input_ids`` and the image inputs."""
-        raise NotImplementedError
+        """The module whose forward sees ``input_ids`` and the image inputs (every supported
+        family's ``*ForConditionalGeneration`` keeps it at ``.model``)."""
+        return self.model.model
 
     @property
     def lm(self) -> torch.nn.Module:
         """The decoder-only language model (has ``layers``, ``norm``, ``rotary_emb``)."""
-        raise NotImplementedError
+        return self.outer.language_model
 
     @property
     def lm_config(self):

@@ -119,14 +119,6 @@ class LlavaAdapter(ModelAdapter):
 
     # -- structure -------------------------------------------------------------------------
     @property
-    def outer(self):
-        return self.model.model
-
-    @property
-    def lm(self):
-        return self.model.model.language_model
-
-    @property
     def vision_tower(self):
         return self.model.model.vision_tower
 

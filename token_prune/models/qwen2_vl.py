@@ -57,14 +57,6 @@ class Qwen2VLAdapter(ModelAdapter):
     frame_prefix_tokens = 0
 
     @property
-    def outer(self):
-        return self.model.model
-
-    @property
-    def lm(self):
-        return self.model.model.language_model
-
-    @property
     def visual(self):
         return self.model.model.visual
 
