@@ -2,14 +2,16 @@
 // every key receives from the visual and from the text queries of its sample
 // (the two factors of the ALVTS score), without an S x S matrix.
 //
-// Both backends run the same two passes over 64- or 256-key blocks:
+// The CUDA kernel runs two passes over 64-key blocks:
 //   1. row statistics: for every (sample, query head, query) the running max m
 //      and sum l of exp(s - m) over the keys it may see (online softmax);
 //   2. column sums: recompute the logits block by block and add
 //      w_j * exp(s_ji - m_j) / l_j into key i's two sums (w_j = 1 for real
 //      visual queries in sum 0, for real text queries in sum 1).
-// Per-head sums go to a [B, Hq, 2, S] buffer that is reduced over heads
-// afterwards, so the result does not depend on scheduling.
+// The CPU kernel adds the same terms in one pass over strips of query rows
+// against all their keys (see attention_received_cpu.cpp). Both write per-head
+// (and, on the CPU, per-row-chunk) sums to a buffer that is reduced in a fixed
+// order afterwards, so the result does not depend on scheduling.
 #pragma once
 
 #include <ATen/core/Tensor.h>

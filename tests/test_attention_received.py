@@ -198,6 +198,8 @@ CASES = [
     (2, 6, 3, 64, 3, F32, "empty", "contiguous"),  # a sample with no real token
     (1, 4, 2, 300, 64, F64, "random", "seq_major"),
     (2, 2, 2, 513, 16, F32, "left", "contiguous"),  # two CPU blocks and one key
+    (2, 2, 1, 2100, 8, F64, "left", "contiguous"),  # CPU: 64-row strips, three row chunks of tasks
+    (1, 3, 3, 1300, 5, F32, "random", "seq_major"),  # CPU: 128-row strips across a chunk boundary
 ]
 
 

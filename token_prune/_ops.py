@@ -622,7 +622,8 @@ def causal_attention_received(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention every key receives from the visual and from the text queries of its sample,
-    under the causal softmax, without an ``S x S`` matrix (two passes over key blocks).
+    under the causal softmax, without an ``S x S`` matrix (CUDA: two passes over key blocks;
+    CPU: one pass over L2-sized strips of query rows against all their keys).
 
     ``P_h = softmax(q_h k_h^T * scale)`` over the real keys at or before each query;
     ``out[b, 0, i]`` sums ``mean_h P_h[j, i]`` over the real visual queries ``j`` of sample ``b``,

@@ -276,7 +276,9 @@ class VIPSpec:
 class Arch:
     """A model for the cost model. ``alvts_rank``: the full-width selector's default rank;
     ``alvts_group_rank``: the per-group selector's (0: derived from ``alvts_rank`` as the method
-    derives it); ``alvts_form``: the selector form a setting without ``selector_form`` runs."""
+    derives it); ``alvts_form``: the selector form a setting without ``selector_form`` runs;
+    ``score_passes``: how often the fused ALVTS score forms each logit (2: the CUDA kernel, the
+    default; 1: the CPU kernel)."""
 
     family: str
     lm: LMSpec
@@ -286,6 +288,7 @@ class Arch:
     dtype_bytes: int = 2
     alvts_group_rank: int = 0
     alvts_form: str = "group_rope"
+    score_passes: int = 2
 
     def selector_rank(self, form: str) -> int:
         """Default rank of ALVTS selector form ``form`` on this model."""
@@ -306,6 +309,7 @@ class Arch:
             "alvts_rank": self.alvts_rank,
             "alvts_group_rank": self.selector_rank("group_rope"),
             "alvts_form": self.alvts_form,
+            "score_passes": self.score_passes,
             "dtype_bytes": self.dtype_bytes,
             "lm_params": self.lm.params(),
             "vision_params": self.vision.params(),
@@ -324,9 +328,10 @@ def _moe_sizes(tc) -> dict:
                 expert_intermediate=tc.moe_intermediate_size, sparse_layers=sparse)
 
 
-def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None) -> Arch:
+def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None, score_passes: int = 2) -> Arch:
     """An :class:`Arch` from the Hugging Face config of any supported family (its adapter
-    describes the vision tower and the decoder's biases)."""
+    describes the vision tower and the decoder's biases); ``score_passes``: 2 for a model on a
+    GPU, 1 on the CPU (see :class:`Arch`)."""
     from .models import adapter_class
 
     family = adapter_class(config.model_type)
@@ -363,7 +368,7 @@ def arch_from_config(config, dtype_bytes: int = 2, alvts_rank: int | None = None
     from .methods.alvts_selector import group_rope_rank
 
     return Arch(family=config.model_type, lm=lm, vision=vision, vip=vip, alvts_rank=alvts_rank,
-                dtype_bytes=dtype_bytes,
+                dtype_bytes=dtype_bytes, score_passes=score_passes,
                 alvts_group_rank=group_rope_rank(alvts_rank, lm.hidden, lm.kv_heads, lm.head_dim),
                 # per-head q/k norms make q.k nonlinear in the input: such decoders run the full-width form
                 alvts_form="full_width" if lm.head_norms else "group_rope")
@@ -481,7 +486,7 @@ def selector_layer_cost(arch: Arch, n: int, batch: int = 1, form: str | None = N
     from .methods.alvts_selector import layer_cost
 
     form = form or arch.alvts_form
-    return layer_cost(arch.lm, n, form, rank or arch.selector_rank(form), arch.dtype_bytes, batch)
+    return layer_cost(arch.lm, n, form, rank or arch.selector_rank(form), arch.dtype_bytes, batch, arch.score_passes)
 
 
 def lm_prefill_cost(

@@ -41,7 +41,9 @@ class Bench:
         self.hooks = StageHooks(model, self.clock)
         self.adapter = adapter_for(model)
         self.family = model.config.model_type
-        self.cost_arch = cm.arch_from_config(model.config, dtype_bytes=p.element_size())
+        # The ALVTS score's CPU kernel forms each logit once, its CUDA kernel twice.
+        self.cost_arch = cm.arch_from_config(model.config, dtype_bytes=p.element_size(),
+                                             score_passes=2 if self.cuda else 1)
         self.image = tuple(opts["image"])
         self.frames = opts.get("video_frames")
         self.layout = cm.prompt_layout(model.config, self.image, opts["text_before"], opts["text_after"], self.frames)

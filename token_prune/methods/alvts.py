@@ -258,8 +258,12 @@ class ALVTS(PruningMethod):
                 processed.append(batch.visual.sum(1))
                 continue
             with nvtx.range("alvts.select"):
+                # The selector and the context reading's keys/values both start from this layer's
+                # input norm of every token: computed once.
+                normed = layer.input_layernorm(hidden) if context and self.score_layer[i] == i else None
                 scores = self.selector.scores(adapter, self.score_layer[i], hidden, cos, sin,
-                                              None if batch.mask2d is None else full_valid, batch.visual)
+                                              None if batch.mask2d is None else full_valid, batch.visual,
+                                              normed=normed)
                 sel = topk_per_image(scores, batch.visual, sizes, self.keep_ratio)
                 keep = full_valid & (~batch.visual | sel)
             self.last_processed.append(keep)
@@ -275,7 +279,7 @@ class ALVTS(PruningMethod):
                     out = adapter.linear_rows_with_context(i, hidden, batch.mask2d, sub.index, sub.hidden, cache=cache)
                 elif context:
                     out = adapter.layer_rows_with_context(i, hidden, cos, sin, full_valid, sub.index, sub.hidden,
-                                                          scos, ssin, cache=cache)
+                                                          scos, ssin, cache=cache, normed=normed)
                 else:
                     out = hf.call_layer(layer, sub.hidden, mask=mask, rope=(scos, ssin), text_pos=sub.text_pos,
                                         cache=cache, use_cache=use_cache, **kwargs)

@@ -135,9 +135,11 @@ class LowRankSelector(torch.nn.Module):
     def check_rank(cls, adapter, rank: int) -> None:
         """Raise a ValueError when ``rank`` does not fit the form on this model."""
 
-    def qk(self, adapter, layer: int, hidden: torch.Tensor, cos, sin, params: dict | None = None):
+    def qk(self, adapter, layer: int, hidden: torch.Tensor, cos, sin, params: dict | None = None,
+           normed: torch.Tensor | None = None):
         """(q~ [B, maps, S, D], k~ [B, kv maps, S, D]) of ``hidden`` [B, S, H] (the layer's input),
-        rotary applied; ``params`` overrides the layer's parameters (calibration)."""
+        rotary applied; ``params`` overrides the layer's parameters (calibration); ``normed``: the
+        layer's input norm of ``hidden`` when the caller has it already."""
         raise NotImplementedError
 
     def scale(self, adapter) -> float:
@@ -153,15 +155,17 @@ class LowRankSelector(torch.nn.Module):
         return {n: p for n, p in m.named_parameters()}
 
     def scores(self, adapter, layer: int, hidden: torch.Tensor, cos, sin, valid: torch.Tensor | None,
-               visual: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+               visual: torch.Tensor, params: dict | None = None, normed: torch.Tensor | None = None) -> torch.Tensor:
         """ALVTS score [B, S] of every token before decoder layer ``layer``.
 
         Args:
             hidden: [B, S, H] the layer's input; cos, sin: [B, S, head_dim] its rotary tables.
             valid: [B, S] bool real tokens, or None (no padding); visual: [B, S] bool.
             params: differentiable replacements of the layer's parameters (calibration).
+            normed: [B, S, H] ``input_layernorm(hidden)`` of layer ``layer``, if the caller computed
+                it (the ALVTS layer reuses it for its keys and values).
         """
-        q, k = self.qk(adapter, layer, hidden, cos, sin, params)
+        q, k = self.qk(adapter, layer, hidden, cos, sin, params, normed)
         return received_score(q, k, visual, valid, self.scale(adapter))
 
     def save(self, path, meta: dict | None = None) -> None:
@@ -261,12 +265,13 @@ class FullWidthSelector(LowRankSelector):
         return {"q_a": (rank, H), "k_a": (rank, H), "q_b": (adapter.num_heads * d, rank),
                 "k_b": (adapter.num_kv_heads * d, rank)}
 
-    def qk(self, adapter, layer: int, hidden: torch.Tensor, cos, sin, params: dict | None = None):
+    def qk(self, adapter, layer: int, hidden: torch.Tensor, cos, sin, params: dict | None = None,
+           normed: torch.Tensor | None = None):
         """q~ [B, heads, S, d] and k~ [B, kv_heads, S, d]."""
         f = params if params is not None else self.layer_params(layer)
         mod = adapter.lm.layers[layer]
         attn = mod.self_attn
-        h = mod.input_layernorm(hidden)
+        h = mod.input_layernorm(hidden) if normed is None else normed
         dt = f["q_a"].dtype if params is not None else h.dtype
         h = h.to(dt)
         B, S, _ = h.shape
@@ -341,20 +346,22 @@ class GroupRopeSelector(LowRankSelector):
                         "k_weight": rnd(rank, H, std=H ** -0.5), "k_bias": rnd(rank, std=0.1), "freq": freq()}
                     for l in layers}, rank)
 
-    def qk(self, adapter, layer: int, hidden: torch.Tensor, cos, sin, params: dict | None = None):
-        """q~, k~ [B, kv_heads, S, R / kv_heads] (views of [B, S, R] tensors)."""
+    def qk(self, adapter, layer: int, hidden: torch.Tensor, cos, sin, params: dict | None = None,
+           normed: torch.Tensor | None = None):
+        """q~, k~ [B, kv_heads, S, R / kv_heads] (views of one [B, S, 2R] tensor)."""
         m = self.layers[str(layer)]
         f = params if params is not None else self.layer_params(layer)
-        h = adapter.lm.layers[layer].input_layernorm(hidden)
+        h = adapter.lm.layers[layer].input_layernorm(hidden) if normed is None else normed
         dt = f["q_weight"].dtype if params is not None else h.dtype
         h = h.to(dt)
         B, S, _ = h.shape
         g = adapter.num_kv_heads
-        q = F.linear(h, f["q_weight"].to(dt), f["q_bias"].to(dt)).view(B, S, g, -1)
-        k = F.linear(h, f["k_weight"].to(dt), f["k_bias"].to(dt)).view(B, S, g, -1)
-        cos, sin = cos.to(dt), sin.to(dt)
-        q = hf.rotate_at_frequencies(q, cos, sin, m.freq)
-        k = hf.rotate_at_frequencies(k, cos, sin, m.freq)
+        # One product of width 2R instead of two of width R: thin products run far below a
+        # CPU's peak.
+        qk = F.linear(h, torch.cat([f["q_weight"], f["k_weight"]]).to(dt), torch.cat([f["q_bias"], f["k_bias"]]).to(dt))
+        # q~ and k~ of a group turn at the same frequencies: one rotation for both.
+        qk = hf.rotate_at_frequencies(qk.view(B, S, 2 * g, -1), cos.to(dt), sin.to(dt), m.freq.repeat(2, 1))
+        q, k = qk.view(B, S, 2, g, -1).unbind(2)
         return q.transpose(1, 2), k.transpose(1, 2)
 
     def scale(self, adapter) -> float:
@@ -395,16 +402,18 @@ def _group_rope_factors(adapter, attn, rank: int) -> dict[str, torch.Tensor]:
             "k_weight": pk[:, :-1].to(dtype), "k_bias": pk[:, -1].to(dtype), "freq": top}
 
 
-def layer_cost(lm, n: int, form: str, rank: int, dtype_bytes: int = 2, batch: int = 1):
+def layer_cost(lm, n: int, form: str, rank: int, dtype_bytes: int = 2, batch: int = 1, passes: int = 2):
     """FLOPs, exps and bytes of one layer's selector on ``n`` tokens per sample, as it runs:
     a :class:`token_prune.costmodel.Cost` (``lm``: its ``LMSpec``).
 
     Both forms: the layer's input norm (not counted), projections to the rank space, rotary (not
-    counted), then the fused two-pass score ``causal_attention_received`` over the ``P = n (n+1)/2``
-    causal pairs: pass 1 forms every logit (``2 W`` FLOPs per pair, ``W`` the summed width of the
-    maps) and one exp per pair and softmax for the row statistics; pass 2 forms the logits again
-    and one exp per pair and softmax for the column sums. So ``4 W P`` FLOPs and ``2 M P`` exps,
-    ``M`` the number of softmaxes (maps); no ``n x n`` matrix in memory.
+    counted), then the fused score ``causal_attention_received`` over the ``P = n (n+1)/2`` causal
+    pairs. Its CUDA kernel (``passes=2``) makes two passes: pass 1 forms every logit (``2 W`` FLOPs
+    per pair, ``W`` the summed width of the maps) and one exp per pair and softmax for the row
+    statistics; pass 2 forms the logits again and one exp per pair and softmax for the column
+    sums. So ``4 W P`` FLOPs and ``2 M P`` exps, ``M`` the number of softmaxes (maps). Its CPU
+    kernel (``passes=1``) holds a strip of query rows against all their keys, so it forms each
+    logit and exp once: ``2 W P`` FLOPs and ``M P`` exps. No ``n x n`` matrix in memory either way.
 
     * ``group_rope``: ``q~ = norm(x) W_q^T + b_q`` and likewise ``k~`` to rank R each
       (``2 n H 2R``); ``W = R`` (the ``kv_heads`` maps of ``R / kv_heads`` dims), ``M = kv_heads``.
@@ -425,10 +434,12 @@ def layer_cost(lm, n: int, form: str, rank: int, dtype_bytes: int = 2, batch: in
         width, maps, qk_width = lm.q_width, lm.heads, lm.q_width + lm.kv_width
     else:
         raise ValueError(f"selector form must be 'group_rope' or 'full_width', got {form!r}")
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 (CPU kernel) or 2 (CUDA kernel), got {passes!r}")
     # Input read once, q~/k~ written once and read by each pass, the [2, n] sums written.
-    io = n * H * b + 3.0 * n * qk_width * b + 2 * n * 4
-    return Cost(proj_flops=batch * proj, attn_flops=batch * 4.0 * width * pairs, exps=batch * 2.0 * maps * pairs,
-                bytes=proj_params * b + batch * io)
+    io = n * H * b + (1.0 + 2 * passes) * n * qk_width * b + 2 * n * 4
+    return Cost(proj_flops=batch * proj, attn_flops=batch * 2.0 * passes * width * pairs,
+                exps=batch * float(passes) * maps * pairs, bytes=proj_params * b + batch * io)
 
 
 def _randn(generator, device, dtype):

@@ -198,7 +198,8 @@ class ModelAdapter:
 
     def layer_rows_with_context(self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                 valid: torch.Tensor, rows: torch.Tensor, rows_hidden: torch.Tensor,
-                                rows_cos: torch.Tensor, rows_sin: torch.Tensor, cache=None) -> torch.Tensor:
+                                rows_cos: torch.Tensor, rows_sin: torch.Tensor, cache=None,
+                                normed: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder layer ``layer_idx`` for a subset of rows that attend to *every* token.
 
         Keys and values are computed for all ``S`` tokens from their current hidden states (and
@@ -214,6 +215,7 @@ class ModelAdapter:
             rows_hidden: [B, S', H] those rows' hidden states (``hidden`` gathered at ``rows``).
             rows_cos, rows_sin: [B, S', head_dim] their rotary tables.
             cache: a DynamicCache, or None.
+            normed: [B, S, H] ``input_layernorm(hidden)``, if the caller has it (None: computed).
 
         Returns:
             [B, S', H] the layer's output for the selected rows (padding slots: unspecified).
@@ -227,7 +229,7 @@ class ModelAdapter:
         B, S, _ = hidden.shape
         Sq = rows_hidden.shape[1]
         d = self.head_dim
-        h = layer.input_layernorm(hidden)
+        h = layer.input_layernorm(hidden) if normed is None else normed
         k = head_norm(attn, "k", attn.k_proj(h).view(B, S, -1, d)).transpose(1, 2)
         v = attn.v_proj(h).view(B, S, -1, d).transpose(1, 2)
         k = hf.apply_rotary(k, cos, sin)
