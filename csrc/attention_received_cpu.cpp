@@ -72,11 +72,12 @@ at::Tensor causal_attention_received_cpu(const at::Tensor& q_in, const at::Tenso
 
   // The kernel's own tensors never need autograd (worker threads would not
   // inherit the caller's grad mode). The scale goes into q once, not into
-  // every logit.
+  // every logit, together with log2(e): the softmax is taken as 2^(s' - m'),
+  // and ATen's exp2 runs about twice as fast as its exp.
   at::Tensor qf, kf;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    qf = q_in.detach().to(acc).mul(scale).contiguous();
+    qf = q_in.detach().to(acc).mul(scale * 1.4426950408889634).contiguous();
     kf = k_in.detach().to(acc).contiguous();
   }
   const at::Tensor real = valid.has_value() ? valid->detach().contiguous()
@@ -134,11 +135,12 @@ at::Tensor causal_attention_received_cpu(const at::Tensor& q_in, const at::Tenso
         // Only keys at or after the strip's first query can lie above the diagonal.
         const int64_t d0 = std::max(q0, k0);
         t.narrow(1, d0 - k0, stop - d0).add_(diag.narrow(0, 0, nq).narrow(1, d0 - q0, stop - d0));
-        at::Tensor m = std::get<0>(t.max(1));
+        // amax, not max: max also finds the argmax, an order of magnitude slower.
+        at::Tensor m = t.amax(1);
         // A row with no visible real key (padding before the first real one)
         // has m = -inf: shift it by 0 so its exps are 0, not NaN.
         m.masked_fill_(m.isneginf(), 0.0);
-        t.sub_(m.unsqueeze(1)).exp_();
+        t.sub_(m.unsqueeze(1)).exp2_();
         const at::Tensor l = t.sum(1);
         const at::Tensor inv = at::where(l.gt(0), l.reciprocal(), at::zeros({}, opts));
         const at::Tensor w = weights[b].narrow(0, q0, nq) * inv.unsqueeze(1);  // [nq, 2]

@@ -116,6 +116,11 @@ def test_interleaved_quick_run_writes_consistent_files(tmp_path, model):
     peak = res["machine_peak"]
     assert peak["flops"] > 0 and peak["bandwidth"] > 0
     rows = {r["setting"]: r for r in res["latency"]}
+    # The roofline measured the matrix-product rate at every row count a decoder stage runs.
+    T, N = res["model"]["text_tokens"], res["model"]["visual_tokens"]
+    kept = rows["glimpse K=1 f=0.25"]["kept_tokens"]
+    for n in (T + N, T + N + 1, T + kept):
+        assert peak["flops_by_rows"][str(n)] > 0, n
     base = rows["unpatched"]
     L = res["model"]["layers"]
     kvb = cm.LMSpec(**res["model"]["arch"]["lm"]).kv_bytes_per_token(4)  # float32
@@ -264,3 +269,34 @@ def test_random_in_the_cost_model():
     est = cm.estimate(a, lay, (896, 896), "random", keep_ratio=f, K=K,
                       peak={"name": "cpu", "flops": 40e9, "bandwidth": 10e9})
     assert est["roofline_ms"]["device"] == "cpu" and est["roofline_ms"]["lm_prefill"] > 0
+
+
+def test_roofline_takes_the_rate_at_each_stage_rows():
+    """A stage whose products run on few rows is timed at the rate measured for that row count;
+    a stage without rows, or with rows the table lacks, at the peak (hand-computed)."""
+    peak = {"name": "cpu", "flops": 50e9, "bandwidth": 10e9, "flops_by_rows": {"100": 25e9}}
+    thin = cm.Cost(mlp_flops=5e9, bytes=1e6, rows=100)
+    wide = cm.Cost(mlp_flops=5e9, bytes=1e6, rows=1000)
+    plain = cm.Cost(mlp_flops=5e9, bytes=1e6)
+    assert cm.roofline_ms([thin], peak) == pytest.approx(200.0)
+    assert cm.roofline_ms([wide], peak) == pytest.approx(100.0)
+    assert cm.roofline_ms([plain], peak) == pytest.approx(100.0)
+    assert cm.roofline_ms([thin, plain], peak) == pytest.approx(300.0)
+    # Bandwidth still bounds a stage that moves more than it computes.
+    assert cm.roofline_ms([cm.Cost(mlp_flops=1e6, bytes=1e9, rows=100)], peak) == pytest.approx(100.0)
+    # A sum keeps the rows of its larger part; scaling keeps them.
+    s = thin + cm.Cost(proj_flops=1e6, rows=7)
+    assert s.rows == 100 and (cm.Cost(proj_flops=1e6) + thin).rows == 100 and thin.scaled(3).rows == 100
+
+
+def test_decoder_stages_carry_their_rows():
+    """Every decoder stage of the prefill says on how many rows (batch x tokens) its products run:
+    the whole prompt before pruning, text + kept after it, text + selected for ALVTS's layers."""
+    a = cm.arch_from_config(bench.hf_config(bench.load_arch("qwen2_5_vl_lm0_5b_vit8")), dtype_bytes=4)
+    T, N, B, f = 36, 1024, 3, 0.11
+    k = math.ceil(f * N - 1e-9)
+    g = cm.lm_prefill_cost(a, T, N, "glimpse", keep_ratio=f, K=2, batch=B)
+    assert g["layers_0_K"].rows == B * (T + N + 1) and g["layers_K1_L"].rows == B * (T + k)
+    assert cm.lm_prefill_cost(a, T, N, "none", batch=B)["layers"].rows == B * (T + N)
+    for skipped in ("context", "drop"):
+        assert cm.lm_prefill_cost(a, T, N, "alvts", keep_ratio=f, batch=B, skipped=skipped)["layers"].rows == B * (T + k)

@@ -70,7 +70,13 @@ __all__ = [
 @dataclass
 class Cost:
     """FLOPs and bytes of one stage. ``flops`` is the sum of the four parts; ``exps`` (the
-    exponentials of a softmax the stage evaluates) is counted beside them, not in them."""
+    exponentials of a softmax the stage evaluates) is counted beside them, not in them.
+
+    ``rows``: the rows (tokens of the whole batch) of the weight products that dominate the
+    stage's FLOPs, 0 when unknown. A CPU's matrix-product throughput depends on it (one core here
+    runs a decoder's MLP products on 150 rows at about two thirds of its rate on 1000), so a
+    roofline may take a throughput per row count (:func:`roofline_ms`). A sum keeps the rows of
+    its larger-FLOP part."""
 
     proj_flops: float = 0.0
     attn_flops: float = 0.0
@@ -78,6 +84,7 @@ class Cost:
     other_flops: float = 0.0
     bytes: float = 0.0
     exps: float = 0.0
+    rows: float = 0.0
 
     @property
     def flops(self) -> float:
@@ -91,11 +98,12 @@ class Cost:
             self.other_flops + other.other_flops,
             self.bytes + other.bytes,
             self.exps + other.exps,
+            self.rows if (self.flops >= other.flops and self.rows) or not other.rows else other.rows,
         )
 
     def scaled(self, k: float) -> "Cost":
         return Cost(self.proj_flops * k, self.attn_flops * k, self.mlp_flops * k, self.other_flops * k, self.bytes * k,
-                    self.exps * k)
+                    self.exps * k, self.rows)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -423,7 +431,8 @@ def lm_layer_cost(lm: LMSpec, n: int, pairs: float, batch: int = 1, dtype_bytes:
     kv = n * lm.kv_bytes_per_token(dtype_bytes)
     w = lm.read_layer_params(batch * n) * dtype_bytes if weights else 0
     return Cost(
-        proj_flops=batch * n * proj, attn_flops=batch * attn, mlp_flops=batch * n * mlp, bytes=w + batch * (act + kv)
+        proj_flops=batch * n * proj, attn_flops=batch * attn, mlp_flops=batch * n * mlp, bytes=w + batch * (act + kv),
+        rows=batch * n,
     )
 
 
@@ -438,7 +447,7 @@ def linear_layer_cost(lm: LMSpec, n: int, batch: int = 1, dtype_bytes: int = 2, 
     act = 2.0 * n * dtype_bytes * (4 * H + 2 * lm.conv_dim) + 2.0 * rows * dtype_bytes * 3 * I
     w = lm.linear_layer_params() * dtype_bytes if weights else 0
     return Cost(proj_flops=batch * n * proj, attn_flops=batch * n * scan, mlp_flops=batch * rows * mlp,
-                bytes=w + batch * (act + lm.linear_state_bytes(dtype_bytes)))
+                bytes=w + batch * (act + lm.linear_state_bytes(dtype_bytes)), rows=batch * rows)
 
 
 def stack_cost(lm: LMSpec, layers: range, n: int, pairs: float, batch: int = 1, dtype_bytes: int = 2) -> Cost:
@@ -754,5 +763,14 @@ def gpu_peak(name: str | None) -> dict | None:
 
 
 def roofline_ms(costs, peak: dict) -> float:
-    """Sum over stages of ``max(flops / peak, bytes / bandwidth)``, in ms: a lower bound."""
-    return sum(max(c.flops / peak["flops"], c.bytes / peak["bandwidth"]) for c in costs) * 1e3
+    """Sum over stages of ``max(flops / peak, bytes / bandwidth)``, in ms: a lower bound.
+
+    ``peak``: ``{"name", "flops", "bandwidth"}``, optionally ``"flops_by_rows"``: FLOP/s measured
+    at a row count (``{str(rows): flops}``, as the CPU benchmark measures it), used for a stage
+    whose :attr:`Cost.rows` it lists."""
+    by_rows = peak.get("flops_by_rows") or {}
+
+    def rate(c: Cost) -> float:
+        return by_rows.get(str(int(c.rows)), peak["flops"]) if c.rows else peak["flops"]
+
+    return sum(max(c.flops / rate(c), c.bytes / peak["bandwidth"]) for c in costs) * 1e3

@@ -127,11 +127,7 @@ class Bench:
 
     def estimate(self, setting: Setting, batch: int, kept: int | None = None, decode_tokens: int | None = None) -> dict:
         o = setting.options
-        return cm.estimate(
-            self.cost_arch,
-            self.layout,
-            self.image,
-            setting.method,
+        kw = dict(
             keep_ratio=setting.keep_ratio,
             K=o.get("layer"),
             start_layer=o.get("start_layer", 0),
@@ -141,9 +137,25 @@ class Bench:
             batch=batch,
             decode_tokens=decode_tokens or self.o["decode_tokens"],
             kept=kept,
-            gpu=self.gpu,
-            peak=self.machine_peak,
         )
+        args = (self.cost_arch, self.layout, self.image, setting.method)
+        if self.machine_peak is not None:
+            self._measure_rows(cm.estimate(*args, **kw))
+        return cm.estimate(*args, **kw, gpu=self.gpu, peak=self.machine_peak)
+
+    def _measure_rows(self, est: dict) -> None:
+        """Add this CPU's matrix-product throughput at every row count ``est``'s stages run to
+        the roofline's ``flops_by_rows`` (a pruned decoder's layers run on a tenth of the rows,
+        where a CPU BLAS is far from its rate on the whole prompt)."""
+        from .timing import linear_flops
+
+        table = self.machine_peak.setdefault("flops_by_rows", {})
+        lm = self.cost_arch.lm
+        for part in ("vision", "lm_prefill", "decode_step"):
+            for c in est[part].values():
+                rows = int(c.get("rows") or 0)
+                if rows and str(rows) not in table:
+                    table[str(rows)] = linear_flops(self.dtype, rows, lm.hidden, lm.intermediate)
 
     # -- runs ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,6 +3,8 @@ per-stage breakdown of each method's prefill, and the ratio-vs-keep plot."""
 
 from __future__ import annotations
 
+from .. import costmodel as cm
+
 # A method's stage range (token_prune.nvtx) -> the cost model's stage of the same work.
 _COST_STAGE = {
     "layers_0_K": "layers_0_K",
@@ -53,7 +55,7 @@ def stage_rows(row: dict) -> list[dict]:
         incl, excl = _med(st["cpu_ms"]), _med(st["exclusive_ms"])
         suffix = name.rpartition(".")[2]
         c = cost.get(_COST_STAGE.get(suffix, ""))
-        roof = max(c["flops"] / peak["flops"], c["bytes"] / peak["bandwidth"]) * 1e3 if c and peak else None
+        roof = cm.roofline_ms([cm.Cost(**{k: v for k, v in c.items() if k != "flops"})], peak) if c and peak else None
         out.append({"stage": name, "parent": st["parent"], "calls": st["calls"], "cpu_ms": incl,
                     "exclusive_ms": excl, "share": incl / lm if lm else None, "roofline_ms": roof})
         if st["parent"] is None:
@@ -63,6 +65,16 @@ def stage_rows(row: dict) -> list[dict]:
                     "cpu_ms": lm - top, "exclusive_ms": lm - top, "share": (lm - top) / lm if lm else None,
                     "roofline_ms": None})
     return out
+
+
+def _by_rows_note(peak: dict | None) -> str:
+    """How the roofline's matrix-product rate varies with the rows a stage runs, if measured."""
+    table = {int(k): v for k, v in ((peak or {}).get("flops_by_rows") or {}).items()}
+    if len(table) < 2:
+        return ""
+    pts = ", ".join(f"{r} rows {table[r] / 1e9:.1f}" for r in sorted(table))
+    return (f"; a decoder stage's products run at the rate measured at its row count ({pts} GFLOP/s; "
+            "`Cost.rows`), other stages at the peak")
 
 
 def markdown_measured(results: dict) -> list[str]:
@@ -78,13 +90,15 @@ def markdown_measured(results: dict) -> list[str]:
         "*roofline*: the cost model's `max(FLOPs / peak, bytes / bandwidth)` per stage with this machine's "
         "measured peak"
         + (f" ({peak['flops'] / 1e9:.1f} GFLOP/s, {peak['bandwidth'] / 1e9:.1f} GB/s)" if peak else "")
-        + "; *dev*: measured / FLOPs (prefill) or bytes (decode) ratio - 1."
+        + _by_rows_note(peak)
+        + "; *dev*: measured / FLOPs (prefill) or bytes (decode) ratio - 1; *dev roofline*: measured / roofline "
+        "ratio - 1."
     )
     L.append("")
-    L.append("| setting | kept / visual | LM prefill ms | LM ratio | FLOPs | roofline | dev | TTFT ratio | FLOPs "
-             "| decode ms/token | decode ratio | bytes | roofline | dev | KV MiB (model / at end, measured) "
+    L.append("| setting | kept / visual | LM prefill ms | LM ratio | FLOPs | roofline | dev | dev roofline | TTFT ratio "
+             "| FLOPs | decode ms/token | decode ratio | bytes | roofline | dev | KV MiB (model / at end, measured) "
              "| peak RSS above start MiB | RSS ratio | tokens = unpatched |")
-    L.append("|" + "---|" * 18)
+    L.append("|" + "---|" * 19)
     for r in rows:
         q, p = r.get("ratios") or {}, r.get("paired_ratios") or {}
         kvm = _med(r.get("kv_cache_bytes_end_measured"))
@@ -93,7 +107,7 @@ def markdown_measured(results: dict) -> list[str]:
             f"| {r['setting']} | {r.get('kept_tokens')} / {r.get('visual_tokens')} | {_span(r.get('lm_prefill_ms'), '.0f')} "
             f"| {_span(p.get('lm_prefill'))} | {_f(q.get('model_lm_prefill_flops'))} "
             f"| {_f(q.get('model_lm_prefill_roofline'))} | {_dev(q.get('lm_prefill'), q.get('model_lm_prefill_flops'))} "
-            f"| {_span(p.get('ttft'))} | {_f(q.get('model_ttft_flops'))} "
+            f"| {_dev(q.get('lm_prefill'), q.get('model_lm_prefill_roofline'))} | {_span(p.get('ttft'))} | {_f(q.get('model_ttft_flops'))} "
             f"| {_span(r.get('decode_step_ms'), '.1f')} | {_span(p.get('decode_step'))} "
             f"| {_f(q.get('model_decode_step_bytes'))} | {_f(q.get('model_decode_step_roofline'))} "
             f"| {_dev(q.get('decode_step'), q.get('model_decode_step_bytes'))} "

@@ -245,12 +245,9 @@ class RSSPeak:
         return None if kib is None else kib * 1024
 
 
-def cpu_peaks(dtype: torch.dtype, rows: int, width: int, inner: int, repeats: int = 3) -> dict:
-    """What this CPU sustains on the calling thread, for a roofline: FLOP/s of ``F.linear`` at a
-    decoder MLP's shape (``[rows, width] x [inner, width]^T`` in ``dtype``) and the bandwidth of
-    copying a 256 MiB buffer (bytes read + written per second). Best of ``repeats`` (thread CPU
-    time). Returns ``{"name", "flops", "bandwidth"}`` as :func:`token_prune.costmodel.roofline_ms`
-    takes it."""
+def linear_flops(dtype: torch.dtype, rows: int, width: int, inner: int, repeats: int = 3) -> float:
+    """FLOP/s this CPU sustains on the calling thread for ``F.linear`` at a decoder MLP's shape
+    (``[rows, width] x [inner, width]^T`` in ``dtype``), best of ``repeats`` (thread CPU time)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, width, generator=g).to(dtype)
     w = torch.randn(inner, width, generator=g).to(dtype)
@@ -260,7 +257,17 @@ def cpu_peaks(dtype: torch.dtype, rows: int, width: int, inner: int, repeats: in
         t = time.thread_time_ns()
         torch.nn.functional.linear(x, w)
         best = min(best, time.thread_time_ns() - t)
-    flops = 2.0 * rows * width * inner / (best / 1e9)
+    return 2.0 * rows * width * inner / (max(best, 1) / 1e9)
+
+
+def cpu_peaks(dtype: torch.dtype, rows: int, width: int, inner: int, repeats: int = 3) -> dict:
+    """What this CPU sustains on the calling thread, for a roofline: FLOP/s of ``F.linear`` at a
+    decoder MLP's shape on ``rows`` rows (:func:`linear_flops`) and the bandwidth of copying a
+    256 MiB buffer (bytes read + written per second), best of ``repeats`` (thread CPU time).
+    Returns ``{"name", "flops", "bandwidth", "flops_by_rows"}`` as
+    :func:`token_prune.costmodel.roofline_ms` takes it (``flops_by_rows`` starts with ``rows``;
+    the benchmark adds the row counts its settings run)."""
+    flops = linear_flops(dtype, rows, width, inner, repeats)
     src = torch.ones(64 << 20, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -270,7 +277,7 @@ def cpu_peaks(dtype: torch.dtype, rows: int, width: int, inner: int, repeats: in
         dst.copy_(src)
         best = min(best, time.thread_time_ns() - t)
     bw = 2.0 * src.numel() * 4 / (best / 1e9)
-    return {"name": f"cpu ({dtype}, measured)", "flops": flops, "bandwidth": bw}
+    return {"name": f"cpu ({dtype}, measured)", "flops": flops, "bandwidth": bw, "flops_by_rows": {str(rows): flops}}
 
 
 # ======================================================================================
