@@ -19,7 +19,7 @@ from token_prune import costmodel as cm
 from token_prune.bench.paired import cache_bytes
 from token_prune.bench.presets import PRESETS
 from token_prune.bench.stages import stage_rows
-from token_prune.bench.timing import RSSPeak, cpu_peaks
+from token_prune.bench.timing import RSSPeak, cpu_peaks, linear_rate_ratios
 
 pytestmark = pytest.mark.filterwarnings("ignore:token_prune. no trained VIP")
 
@@ -243,6 +243,9 @@ def test_rss_peak_sees_an_allocation():
 def test_cpu_peaks_and_cache_bytes():
     p = cpu_peaks(torch.float32, 64, 128, 256, repeats=1)
     assert p["flops"] > 0 and p["bandwidth"] > 0 and "cpu" in p["name"]
+    assert p["flops_by_rows"] == {"64": p["flops"]}
+    rel = linear_rate_ratios(torch.float32, 64, [64, 8], 128, 256, rounds=3)
+    assert set(rel) == {64, 8} and rel[64] == 1.0 and 0 < rel[8] < math.inf
     from transformers.cache_utils import DynamicCache
 
     c = DynamicCache()

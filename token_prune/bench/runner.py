@@ -146,16 +146,19 @@ class Bench:
     def _measure_rows(self, est: dict) -> None:
         """Add this CPU's matrix-product throughput at every row count ``est``'s stages run to
         the roofline's ``flops_by_rows`` (a pruned decoder's layers run on a tenth of the rows,
-        where a CPU BLAS is far from its rate on the whole prompt)."""
-        from .timing import linear_flops
+        where a CPU BLAS is far from its rate on the whole prompt): the peak measured on the
+        prompt's rows times the rate at those rows relative to the prompt's, measured in paired
+        rounds (:func:`~token_prune.bench.timing.linear_rate_ratios`)."""
+        from .timing import linear_rate_ratios
 
         table = self.machine_peak.setdefault("flops_by_rows", {})
         lm = self.cost_arch.lm
-        for part in ("vision", "lm_prefill", "decode_step"):
-            for c in est[part].values():
-                rows = int(c.get("rows") or 0)
-                if rows and str(rows) not in table:
-                    table[str(rows)] = linear_flops(self.dtype, rows, lm.hidden, lm.intermediate)
+        base = self.layout["prompt"]
+        new = sorted({int(c.get("rows") or 0) for part in ("vision", "lm_prefill", "decode_step")
+                      for c in est[part].values()} - {0} - {int(r) for r in table})
+        if new:
+            rel = linear_rate_ratios(self.dtype, base, new, lm.hidden, lm.intermediate)
+            table.update({str(r): self.machine_peak["flops"] * rel[r] for r in new})
 
     # -- runs ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -260,6 +260,29 @@ def linear_flops(dtype: torch.dtype, rows: int, width: int, inner: int, repeats:
     return 2.0 * rows * width * inner / (max(best, 1) / 1e9)
 
 
+def linear_rate_ratios(dtype: torch.dtype, base: int, rows: list[int], width: int, inner: int,
+                       rounds: int = 5) -> dict[int, float]:
+    """How fast this CPU runs the decoder-MLP product (see :func:`linear_flops`) on each of ``rows``
+    rows relative to ``base`` rows, in FLOP/s: the median over ``rounds`` rounds of the per-round
+    ratio, each round timing every shape once (thread CPU time). Paired rounds, like the benchmark's
+    settings, so that the ratio survives a shared machine whose speed drifts between calls."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(inner, width, generator=g).to(dtype)
+    xs = {r: torch.randn(r, width, generator=g).to(dtype) for r in {base, *rows}}
+    for x in xs.values():
+        torch.nn.functional.linear(x, w)
+    per: dict[int, list[float]] = {r: [] for r in rows}
+    for _ in range(rounds):
+        rate = {}
+        for r, x in xs.items():
+            t = time.thread_time_ns()
+            torch.nn.functional.linear(x, w)
+            rate[r] = r / max(time.thread_time_ns() - t, 1)
+        for r in rows:
+            per[r].append(rate[r] / rate[base])
+    return {r: sorted(v)[len(v) // 2] for r, v in per.items()}
+
+
 def cpu_peaks(dtype: torch.dtype, rows: int, width: int, inner: int, repeats: int = 3) -> dict:
     """What this CPU sustains on the calling thread, for a roofline: FLOP/s of ``F.linear`` at a
     decoder MLP's shape on ``rows`` rows (:func:`linear_flops`) and the bandwidth of copying a
