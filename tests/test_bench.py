@@ -7,6 +7,7 @@ checked: that needs the GPU session (bench/NOTES.md)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -506,6 +507,13 @@ def test_prefill_costs_by_hand():
     assert fw["select"].exps == pytest.approx(4 * 2 * 2 * P)
     r4 = cm.lm_prefill_cost(arch, T, N, "alvts", keep_ratio=0.25, skipped="drop", alvts_rank=4)
     assert r4["select"].flops == pytest.approx(4 * (2 * n * 8 * 2 * 4 + 4 * 4 * P))
+    # The CPU kernel forms each logit once: half the score FLOPs and exps, the same projections.
+    cpu = dataclasses.replace(arch, score_passes=1)
+    one_pass = cm.lm_prefill_cost(cpu, T, N, "alvts", keep_ratio=0.25, skipped="drop")
+    assert one_pass["select"].flops == pytest.approx(4 * (2 * n * 8 * 2 * 2 + 2 * 2 * P))
+    assert one_pass["select"].exps == pytest.approx(4 * 1 * 1 * P)
+    with pytest.raises(ValueError, match="passes"):
+        cm.lm_prefill_cost(dataclasses.replace(arch, score_passes=3), T, N, "alvts")
     with pytest.raises(ValueError, match="selector form"):
         cm.lm_prefill_cost(arch, T, N, "alvts", selector_form="shared")
     assert cm.kv_lens(arch, T, N, "fastv", keep_ratio=0.25, K=1) == [10, 10, 4, 4]

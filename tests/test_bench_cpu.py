@@ -115,6 +115,7 @@ def test_interleaved_quick_run_writes_consistent_files(tmp_path, model):
     assert res["clock"] == "thread CPU time" and res["threads"] == 1
     peak = res["machine_peak"]
     assert peak["flops"] > 0 and peak["bandwidth"] > 0
+    assert res["model"]["arch"]["score_passes"] == 1  # the ALVTS score's CPU kernel: one pass
     rows = {r["setting"]: r for r in res["latency"]}
     # The roofline measured the matrix-product rate at every row count a decoder stage runs.
     T, N = res["model"]["text_tokens"], res["model"]["visual_tokens"]

@@ -155,15 +155,8 @@ def _row(bench, setting: Setting, runs: list[dict], base: list[dict]) -> dict:
     batch = o["batch"]
     col = lambda rs, k: [r[k] for r in rs]
     stats = runs[-1]["stats"]
-    visual = bench.layout["visual"]
-    if stats:
-        s0 = stats[0]
-        kept, kv, processed = s0.get("kept_tokens"), s0.get("kv_len"), s0.get("visual_processed")
-        if processed:  # ALVTS keeps every token in the residual stream; report what a layer processes
-            kept = max(processed[setting.options.get("start_layer", 0):] or processed)
-    else:
-        kept, kv, processed = visual, [bench.layout["prompt"]] * bench.cost_arch.lm.layers, None
-    est = bench.estimate(setting, batch, kept=kept if setting.method != "alvts" else None)
+    est, tokens = bench.token_fields(setting, stats, batch)
+    kv = tokens["kv_len"]
     kvb = bench.cost_arch.lm.kv_bytes_per_token(bench.cost_arch.dtype_bytes)
     above = [r["rss_peak"] - r["rss_start"] if r["rss_peak"] is not None else None for r in runs]
     above_base = [r["rss_peak"] - r["rss_start"] if r["rss_peak"] is not None else None for r in base]
@@ -190,12 +183,7 @@ def _row(bench, setting: Setting, runs: list[dict], base: list[dict]) -> dict:
             "rss_above_start": _paired(above, above_base),
         },
         "stages": _stage_summary(runs),
-        "decode_tokens": o["decode_tokens"],
-        "visual_tokens": visual,
-        "kept_tokens": kept,
-        "visual_processed_per_layer": processed,
-        "kv_len": kv,
-        "kv_cache_bytes": batch * sum(kv) * kvb if kv else None,
+        **tokens,
         "kv_cache_bytes_end_measured": _summary(col(runs, "kv_bytes_end")),
         "kv_cache_bytes_end_expected": batch * (sum(kv) + len(kv) * o["decode_tokens"]) * kvb if kv else None,
         "tokens_match_unpatched": all(same),

@@ -287,19 +287,7 @@ class Bench:
                     gens.append(g)
             peak_gen = self.peak()
         self.free()
-        visual = self.layout["visual"]
-        if stats:
-            s0 = stats[0]
-            kept = s0.get("kept_tokens")
-            kv = s0.get("kv_len")
-            processed = s0.get("visual_processed")
-            if processed:  # ALVTS keeps every token in the residual stream; report what a layer processes
-                kept = max(processed[setting.options.get("start_layer", 0) :] or processed)
-        else:
-            kept, kv, processed = visual, [self.layout["prompt"]] * self.cost_arch.lm.layers, None
-        kept_for_model = kept if setting.method != "alvts" else None
-        est = self.estimate(setting, batch, kept=kept_for_model)
-        kvb = self.cost_arch.lm.kv_bytes_per_token(self.cost_arch.dtype_bytes)
+        est, tokens = self.token_fields(setting, stats, batch)
         res.update(
             {
                 "ttft_ms": _summary(ttft),
@@ -309,18 +297,35 @@ class Bench:
                 "generate_prefill_ms": _summary([g["prefill_ms"] for g in gens]),
                 "decode_step_ms": _summary([g["decode_step_ms"] for g in gens]),
                 "decode_tok_s": _summary([g["decode_tok_s"] for g in gens]),
-                "decode_tokens": o["decode_tokens"],
-                "visual_tokens": visual,
-                "kept_tokens": kept,
-                "visual_processed_per_layer": processed,
-                "kv_len": kv,
-                "kv_cache_bytes": batch * sum(kv) * kvb if kv else None,
+                **tokens,
                 "memory": self._memory(resident, peak_prefill, peak_gen),
                 "stats": stats,
                 "cost": est,
             }
         )
         return res
+
+    def token_fields(self, setting: Setting, stats: list[dict], batch: int) -> tuple[dict, dict]:
+        """(the cost model's estimate, the result row's token and KV-cache fields) of ``setting``
+        from the ``handle.stats`` of its last run (both timing modes)."""
+        visual = self.layout["visual"]
+        if stats:
+            s0 = stats[0]
+            kept, kv, processed = s0.get("kept_tokens"), s0.get("kv_len"), s0.get("visual_processed")
+            if processed:  # ALVTS keeps every token in the residual stream; report what a layer processes
+                kept = max(processed[setting.options.get("start_layer", 0) :] or processed)
+        else:
+            kept, kv, processed = visual, [self.layout["prompt"]] * self.cost_arch.lm.layers, None
+        est = self.estimate(setting, batch, kept=kept if setting.method != "alvts" else None)
+        kvb = self.cost_arch.lm.kv_bytes_per_token(self.cost_arch.dtype_bytes)
+        return est, {
+            "decode_tokens": self.o["decode_tokens"],
+            "visual_tokens": visual,
+            "kept_tokens": kept,
+            "visual_processed_per_layer": processed,
+            "kv_len": kv,
+            "kv_cache_bytes": batch * sum(kv) * kvb if kv else None,
+        }
 
     def _memory(self, resident, peak_prefill, peak_gen) -> dict:
         gb = 1 << 30
